@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/demo
+
+.PHONY: demo test bench clean-venv
+
+# Re-install whenever setup.py changes. The install log is kept because pip's local-index
+# warnings are noisy; it is printed when the install fails.
+$(STAMP): setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing mfer-jax and its test extras into $(VENV) (about 2 minutes on a fresh machine)..."
+	@$(BIN)/pip install -e ".[test]" > $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/python main.py --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,42 @@
+"""mfer-jax: audio-visual facial expression recognition in JAX/Flax (ABAW, Aff-Wild2)."""
+
+import setuptools
+
+# Versions that resolve together on Python 3.11 (shared/DESIGN.md §6). Compatible-release pins
+# keep patch updates while a fresh clone gets the set the tests were run against.
+INSTALL_REQUIRES = [
+    "jax~=0.10.2",
+    "jaxlib~=0.10.2",
+    "flax~=0.12.8",
+    "optax~=0.2.8",
+    "orbax-checkpoint~=0.12.8",
+    "grain~=0.2.18",
+    "array-record~=0.8.6",
+    "tensorflow-datasets~=4.9.10",
+    "librosa~=0.11.0",
+    "numpy~=2.4.6",
+    "ml-collections~=1.1.0",
+    "absl-py>=2.1",
+    "av~=18.1.0",
+    "opencv-python-headless~=5.0.0",
+    "safetensors>=0.4",
+    "scikit-learn~=1.9.0",
+    "tensorboardX~=2.6",
+    "matplotlib~=3.11",
+]
+
+EXTRAS_REQUIRE = {
+    # torch is only the reference for weight-import parity tests; 2.13.0 is a CPU wheel on
+    # this machine's disk (a looser pin would pull a multi-GB CUDA build).
+    "test": ["pytest>=8", "torch==2.13.0", "timm~=1.0.31"],
+}
+
+setuptools.setup(
+    name="mfer-jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["mfer_jax", "mfer_jax.*", "data_prep", "data_prep.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
