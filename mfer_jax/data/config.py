@@ -1,0 +1,87 @@
+"""Defaults of ``config.data``: the input pipeline, augmentation and resampling settings.
+
+Experiment configs start from `default_data_config()` and override keys. Every key is read by
+`mfer_jax.data.pipeline` (reading, batching, workers), `mfer_jax.data.augment` (``augment.*``)
+or `mfer_jax.data.sampling` (``sampling.*``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Returns the ``config.data`` ConfigDict with documented defaults.
+
+  Keys:
+    data_dir: prepared dataset directory (``metadata.json``, shards, split indexes).
+    face_size: side of the face crop the pipeline emits (uint8). Crops of another size are
+      resized on decode; resizing to the model's input size happens on device.
+    seed: seed of the data order and the augmentations (independent of the model's seed).
+    batch_size: GLOBAL train batch; each of P processes reads batch_size // P examples.
+    eval_batch_size: GLOBAL eval batch; the last batch is padded (mask False), never dropped.
+    num_workers: Grain worker processes per host; 0 reads in the training process.
+    worker_buffer_size: batches each worker process keeps ready.
+    read_threads: threads per process (or per worker) building batches in parallel; OpenCV
+      releases the GIL, so with num_workers=0 this still overlaps decoding with the step.
+    prefetch: batches buffered ahead by those threads (0 = build on demand).
+    augment.enabled: master switch; False emits the decoded frames unchanged.
+    augment.random_resized_crop: crop a random area/aspect and resize back to face_size.
+    augment.crop_scale: range of the crop's area as a fraction of the face.
+    augment.crop_ratio: range of the crop's aspect ratio (width / height).
+    augment.hflip: probability of a horizontal flip of the face.
+    augment.brightness, .contrast, .saturation: colour jitter amounts; each factor is drawn
+      from [max(0, 1 - a), 1 + a], as in torchvision's ColorJitter; 0 disables.
+    augment.spec_time_masks, .spec_time_width: SpecAugment time masks on the log-mel window:
+      how many, and the largest width in frames; masked cells get the silence value 0
+      (uint8 0 = -top_db dB).
+    augment.spec_freq_masks, .spec_freq_width: the same along the mel axis.
+    sampling.mode: 'dynamic' (weighted resampling with replacement, below) or 'natural'
+      (each candidate frame once per epoch, shuffled; alpha and adaptive_beta are ignored).
+    sampling.alpha_start, .alpha_end, .alpha_decay_epochs, .alpha_shape: the per-record
+      weight is n_c^-alpha (n_c = frames of the record's class among the candidates); alpha
+      goes from alpha_start to alpha_end over alpha_decay_epochs epochs, 'linear', 'cosine'
+      or 'constant' (alpha_start throughout). alpha 1 balances classes, 0 is natural.
+    sampling.epoch_size: draws per epoch; 0 = the number of candidate frames (valid train
+      frames, or one per chunk with stratification). An epoch has epoch_size // batch_size
+      steps.
+    sampling.stratify_chunk: K > 0 takes one random frame from every K-frame chunk of every
+      video (frames 1..K, K+1..2K, ...) as the epoch's candidates, before weighting; 0 = off.
+    sampling.adaptive_beta: beta > 0 multiplies class weights by (1 - F1_c)^beta, with the
+      latest validation F1 passed to ``TrainIterator.set_class_f1``; 0 = off.
+  """
+  c = ml_collections.ConfigDict()
+  c.data_dir = ""
+  c.face_size = 112
+  c.seed = 0
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_workers = 0
+  c.worker_buffer_size = 2
+  c.read_threads = 1
+  c.prefetch = 2
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.enabled = True
+  c.augment.random_resized_crop = True
+  c.augment.crop_scale = (0.8, 1.0)
+  c.augment.crop_ratio = (3 / 4, 4 / 3)
+  c.augment.hflip = 0.5
+  c.augment.brightness = 0.2
+  c.augment.contrast = 0.2
+  c.augment.saturation = 0.2
+  c.augment.spec_time_masks = 2
+  c.augment.spec_time_width = 10
+  c.augment.spec_freq_masks = 2
+  c.augment.spec_freq_width = 8
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.mode = "dynamic"
+  c.sampling.alpha_start = 1.0
+  c.sampling.alpha_end = 0.3
+  c.sampling.alpha_decay_epochs = 10
+  c.sampling.alpha_shape = "linear"
+  c.sampling.epoch_size = 0
+  c.sampling.stratify_chunk = 0
+  c.sampling.adaptive_beta = 0.0
+  return c

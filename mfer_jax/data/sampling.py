@@ -1,0 +1,233 @@
+"""Which train frames each epoch draws: class weights, their schedule, stratification, F1 feedback.
+
+Epoch ``e`` is a list of ``epoch_size`` record indices, a pure function of the index arrays,
+the options, the seed, ``e`` and the class-F1 schedule, drawn with
+``Generator(PCG64(SeedSequence([seed, e])))``. Nothing depends on the number of hosts or
+workers, so every process can compute the same list and read its own part of it.
+
+Steps of one epoch in 'dynamic' mode:
+
+1. candidates: train records with label >= 0 (-1 frames are never drawn); with
+   ``stratify_chunk`` K > 0, one uniformly random record from every (video, K-frame chunk),
+   where chunk j of a video holds frames jK+1 .. (j+1)K, so near-duplicate neighbouring
+   frames do not dominate;
+2. class weights: ``w_c = n_c^-alpha(e)``, with n_c the candidates of class c, times
+   ``max(1 - F1_c, 0.01)^beta`` when adaptive feedback is on;
+3. ``epoch_size`` draws with replacement, record i chosen with probability proportional to
+   ``w_{label(i)}``. Class c then gets mass ``n_c^(1-alpha) / sum_k n_k^(1-alpha)``: alpha 1 is
+   balanced, alpha 0 is the natural distribution.
+
+'natural' mode instead shuffles the candidates without replacement (each once per epoch,
+repeated if ``epoch_size`` is larger): the plain baseline without resampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from mfer_jax.data import store
+
+MODES = ("dynamic", "natural")
+ALPHA_SHAPES = ("linear", "cosine", "constant")
+# Floor of (1 - F1_c) in adaptive mode: a class that is perfect on validation keeps a small
+# weight instead of vanishing (and the weights can never all be zero).
+MIN_ADAPTIVE_FACTOR = 0.01
+
+
+def alpha_at(epoch: int, *, start: float, end: float, decay_epochs: int, shape: str) -> float:
+  """The resampling exponent of ``epoch``: start -> end over ``decay_epochs`` epochs.
+
+  'linear' and 'cosine' reach ``end`` at epoch ``decay_epochs`` and stay there (at once if
+  ``decay_epochs <= 0``); 'constant' is ``start`` throughout.
+  """
+  if shape not in ALPHA_SHAPES:
+    raise ValueError(f"alpha_shape must be one of {ALPHA_SHAPES}, got {shape!r}")
+  if shape == "constant":
+    return float(start)
+  t = 1.0 if decay_epochs <= 0 else min(max(epoch, 0) / decay_epochs, 1.0)
+  if t >= 1.0:
+    return float(end)   # exactly, not end up to rounding
+  if shape == "linear":
+    return float(start + (end - start) * t)
+  return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def chunk_groups(video_id: np.ndarray, frame: np.ndarray, chunk: int) -> np.ndarray:
+  """int64 id of each record's (video, ``chunk``-frame chunk); frames are 1-based."""
+  chunk_of = (frame.astype(np.int64) - 1) // chunk
+  return video_id.astype(np.int64) * (int(chunk_of.max(initial=0)) + 1) + chunk_of
+
+
+def stratify(groups: np.ndarray, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """One uniformly random member of each group among ``candidates``, as sorted indices.
+
+  Args:
+    groups: group id of every record (see `chunk_groups`).
+    candidates: record indices to choose from.
+    rng: source of the choice.
+  """
+  keys = groups[candidates]
+  # Sorting by (group, random key) puts a uniformly random member first in each group.
+  order = np.lexsort((rng.random(candidates.shape[0]), keys))
+  sorted_keys = keys[order]
+  first = np.ones(sorted_keys.shape[0], bool)
+  first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+  return np.sort(candidates[order[first]])
+
+
+def class_weights(counts: np.ndarray, alpha: float, class_f1: np.ndarray | None = None,
+                  beta: float = 0.0) -> np.ndarray:
+  """Per-class weight of one record: ``n_c^-alpha * max(1 - F1_c, 0.01)^beta``; 0 if n_c = 0."""
+  counts = np.asarray(counts, np.float64)
+  w = np.zeros_like(counts)
+  present = counts > 0
+  w[present] = counts[present] ** -alpha
+  if class_f1 is not None and beta > 0:
+    w *= np.maximum(1.0 - np.asarray(class_f1, np.float64), MIN_ADAPTIVE_FACTOR) ** beta
+  return w
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """The ``config.data.sampling`` keys (documented in `mfer_jax.data.config`)."""
+
+  mode: str = "dynamic"
+  alpha_start: float = 1.0
+  alpha_end: float = 0.3
+  alpha_decay_epochs: int = 10
+  alpha_shape: str = "linear"
+  epoch_size: int = 0
+  stratify_chunk: int = 0
+  adaptive_beta: float = 0.0
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"sampling.mode must be one of {MODES}, got {self.mode!r}")
+    if self.alpha_shape not in ALPHA_SHAPES:
+      raise ValueError(f"sampling.alpha_shape must be one of {ALPHA_SHAPES}, "
+                       f"got {self.alpha_shape!r}")
+    if self.epoch_size < 0 or self.stratify_chunk < 0 or self.adaptive_beta < 0:
+      raise ValueError(f"sampling.epoch_size, stratify_chunk and adaptive_beta must be >= 0: "
+                       f"{self}")
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> "SamplingOptions":
+    return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
+
+
+# A class-F1 schedule: ((first epoch it applies to, per-class F1), ...), by first epoch.
+F1Schedule = tuple[tuple[int, tuple[float, ...]], ...]
+
+
+class EpochSampler:
+  """The record indices of every training epoch, from the train split's index arrays.
+
+  Immutable apart from a cache of recent epochs, so it can be pickled into Grain workers and
+  every copy draws the same epochs; `with_class_f1` returns a new sampler.
+  """
+
+  def __init__(self, label: np.ndarray, video_id: np.ndarray, frame: np.ndarray,
+               options: SamplingOptions, seed: int,
+               class_f1_schedule: F1Schedule = ()):
+    self.options = options
+    self.seed = int(seed)
+    self.class_f1_schedule = tuple(class_f1_schedule)
+    self._label = np.asarray(label, np.int32)
+    self._valid = np.flatnonzero(self._label >= 0)
+    if self._valid.size == 0:
+      raise ValueError("the train split has no labelled frame (label >= 0) to sample")
+    self._groups = None
+    num_candidates = self._valid.size
+    if options.stratify_chunk:
+      self._groups = chunk_groups(np.asarray(video_id), np.asarray(frame),
+                                  options.stratify_chunk)
+      num_candidates = np.unique(self._groups[self._valid]).size
+    self.num_candidates = int(num_candidates)
+    self.epoch_size = int(options.epoch_size or num_candidates)
+    self._lock = threading.Lock()
+    self._cache: dict[int, np.ndarray] = {}
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = self.__dict__.copy()
+    del state["_lock"], state["_cache"]
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+    self._cache = {}
+
+  def alpha(self, epoch: int) -> float:
+    o = self.options
+    return alpha_at(epoch, start=o.alpha_start, end=o.alpha_end,
+                    decay_epochs=o.alpha_decay_epochs, shape=o.alpha_shape)
+
+  def class_f1(self, epoch: int) -> np.ndarray | None:
+    """The per-class F1 in force at ``epoch`` (the latest entry starting at or before it)."""
+    current = None
+    for first_epoch, f1 in self.class_f1_schedule:
+      if first_epoch <= epoch:
+        current = np.asarray(f1, np.float64)
+    return current
+
+  def with_class_f1_schedule(self, schedule: F1Schedule) -> "EpochSampler":
+    """A copy of this sampler with the class-F1 schedule replaced by ``schedule``."""
+    entries = []
+    for first_epoch, class_f1 in schedule:
+      f1 = tuple(float(v) for v in class_f1)
+      if len(f1) != store.NUM_CLASSES or not all(0.0 <= v <= 1.0 for v in f1):
+        raise ValueError(f"class_f1 must hold {store.NUM_CLASSES} values in [0, 1], got {f1}")
+      entries.append((int(first_epoch), f1))
+    new = EpochSampler.__new__(EpochSampler)
+    new.__setstate__({**self.__getstate__(), "class_f1_schedule": tuple(sorted(entries))})
+    return new
+
+  def with_class_f1(self, class_f1: Sequence[float], first_epoch: int) -> "EpochSampler":
+    """A copy whose epochs from ``first_epoch`` on use ``class_f1`` for adaptive weights."""
+    kept = tuple(e for e in self.class_f1_schedule if e[0] < first_epoch)
+    return self.with_class_f1_schedule(kept + ((first_epoch, class_f1),))
+
+  def _rng(self, epoch: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+
+  def _candidates(self, rng: np.random.Generator) -> np.ndarray:
+    if self._groups is None:
+      return self._valid
+    return stratify(self._groups, self._valid, rng)
+
+  def _distribution(self, epoch: int, rng: np.random.Generator):
+    candidates = self._candidates(rng)
+    counts = np.bincount(self._label[candidates], minlength=store.NUM_CLASSES)
+    weights = class_weights(counts, self.alpha(epoch), self.class_f1(epoch),
+                            self.options.adaptive_beta)
+    p = weights[self._label[candidates]]
+    return candidates, p / p.sum()
+
+  def distribution(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate record indices, their draw probabilities) of a 'dynamic' epoch."""
+    return self._distribution(epoch, self._rng(epoch))
+
+  def _draw(self, epoch: int) -> np.ndarray:
+    rng = self._rng(epoch)
+    if self.options.mode == "natural":
+      candidates = self._candidates(rng)
+      reps = -(-self.epoch_size // candidates.size)
+      return np.concatenate([rng.permutation(candidates) for _ in range(reps)])[:self.epoch_size]
+    candidates, p = self._distribution(epoch, rng)
+    return candidates[rng.choice(candidates.size, size=self.epoch_size, p=p)]
+
+  def epoch_indices(self, epoch: int) -> np.ndarray:
+    """The ``epoch_size`` record indices of ``epoch``, in draw order (int64)."""
+    with self._lock:
+      if epoch not in self._cache:
+        # Readers move forward, so keeping the two most recent epochs is enough.
+        for old in sorted(self._cache)[:-1]:
+          del self._cache[old]
+        self._cache[epoch] = self._draw(epoch)
+      return self._cache[epoch]
