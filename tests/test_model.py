@@ -1,0 +1,135 @@
+"""The full model: every fusion variant, gates, gradients, modality masking, sharded parity."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mfer_jax import config_lib, sharding
+from mfer_jax.models.fusion import FUSION_VARIANTS
+from mfer_jax.models.model import ExpressionModel, face_to_input, mel_to_input
+
+
+def tiny_model_config(fusion="mfm"):
+  c = config_lib.base_config().model
+  for enc, size in ((c.image, (32, 32)), (c.audio, (32, 64))):
+    enc.variant = "test"
+    enc.img_size = size
+    enc.window_size = 4
+  c.fusion.update(name=fusion, dim=32, num_layers=1, num_heads=4, gate_hidden=16)
+  return c
+
+
+def make_batch(b=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      "face": jnp.asarray(rng.integers(0, 256, (b, 24, 24, 3), np.uint8)),
+      "mel": jnp.asarray(rng.integers(0, 256, (b, 16, 40), np.uint8)),
+      "has_face": jnp.asarray([True, False] * (b // 2)),
+  }
+
+
+def run(model, batch, rngs=None):
+  return model(batch["face"], batch["mel"], batch["has_face"], rngs=rngs)
+
+
+@pytest.mark.parametrize("fusion", FUSION_VARIANTS)
+def test_variant_shapes_and_gates(fusion):
+  model = ExpressionModel(tiny_model_config(fusion), rngs=nnx.Rngs(0))
+  out = run(model, make_batch())
+  assert out["logits"].shape == (4, 8) and out["logits"].dtype == jnp.float32
+  gates = np.asarray(out["gates"])
+  np.testing.assert_allclose(gates.sum(-1), 1.0, atol=1e-6)
+  if fusion == "visual_only":
+    np.testing.assert_allclose(gates, [[1, 0]] * 4, atol=1e-6)
+  else:
+    # Examples 1 and 3 have no face: the visual modality gets no weight there.
+    np.testing.assert_allclose(gates[1::2, 0], 0.0, atol=1e-6)
+  if fusion == "audio_only":
+    np.testing.assert_allclose(gates[:, 1], 1.0, atol=1e-6)
+  if fusion in ("concat", "sum"):
+    np.testing.assert_allclose(gates[0::2], 0.5, atol=1e-6)
+  assert np.isfinite(np.asarray(out["logits"])).all()
+
+
+def test_single_modality_variants_build_one_encoder():
+  assert ExpressionModel(tiny_model_config("visual_only"), rngs=nnx.Rngs(0)).audio_encoder is None
+  assert ExpressionModel(tiny_model_config("audio_only"), rngs=nnx.Rngs(0)).image_encoder is None
+
+
+def test_mfm_gradient_reaches_both_encoders():
+  model = ExpressionModel(tiny_model_config("mfm"), rngs=nnx.Rngs(0))
+  batch = make_batch()
+  batch["has_face"] = jnp.ones(4, bool)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(p):
+    return run(nnx.merge(graphdef, p), batch)["logits"].sum()
+
+  grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))
+  for enc in ("image_encoder", "audio_encoder"):
+    norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[enc]))
+    assert norm > 0, f"no gradient reaches {enc}"
+
+
+def test_missing_face_ignores_face_pixels():
+  """Without a face the prediction must not depend on the (blank or garbage) face image."""
+  model = ExpressionModel(tiny_model_config("mfm"), rngs=nnx.Rngs(0))
+  batch = make_batch()
+  other = dict(batch, face=255 - batch["face"])
+  a, b = run(model, batch)["logits"], run(model, other)["logits"]
+  np.testing.assert_allclose(a[1::2], b[1::2], atol=1e-5)
+  assert not np.allclose(a[0::2], b[0::2], atol=1e-5)
+
+
+def test_modality_dropout_is_seeded_and_keeps_one_modality():
+  cfg = tiny_model_config("gated")
+  cfg.modality_dropout = 1.0
+  model = ExpressionModel(cfg, rngs=nnx.Rngs(0))
+  batch = make_batch(b=8)
+  graphdef, params = nnx.split(model)
+  gates = jax.jit(lambda p, key: run(nnx.merge(graphdef, p), batch, nnx.Rngs(dropout=key))["gates"])
+  k1, k2 = jax.random.key(1), jax.random.key(2)
+  g1, g2 = np.asarray(gates(params, k1)), np.asarray(gates(params, k1))
+  assert not np.array_equal(g1, np.asarray(gates(params, k2)))
+  np.testing.assert_array_equal(g1, g2)
+  # Every example keeps exactly one modality; faceless ones always keep audio.
+  assert set(np.round(g1.ravel(), 6)) <= {0.0, 1.0}
+  np.testing.assert_allclose(g1[1::2, 1], 1.0)
+
+
+def test_preprocessing_matches_numpy():
+  face = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8)
+  x = np.asarray(face_to_input(jnp.asarray(face), (8, 8)))
+  ref = (face / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(x, ref, atol=1e-5)
+  mel = np.full((1, 4, 6), 255, np.uint8)
+  m = np.asarray(mel_to_input(jnp.asarray(mel), (8, 12), 1))
+  assert m.shape == (1, 8, 12, 1)
+  np.testing.assert_allclose(m, (1.0 - 0.449) / 0.226, atol=1e-3)
+
+
+def test_sharded_forward_equals_unsharded():
+  """Params placed by the rules on 8 devices (data 2 x fsdp 2 x model 2) give the same output."""
+  assert jax.device_count() == 8
+  model = ExpressionModel(tiny_model_config("mfm"), rngs=nnx.Rngs(0))
+  batch = make_batch(b=8)
+  expected = run(model, batch)
+  graphdef, params = nnx.split(model, nnx.Param)
+  mesh = sharding.make_mesh((2, 2, 2))
+  rules = sharding.DEFAULT_RULES
+  param_sh = sharding.state_shardings(params, mesh, rules)
+  specs = [s.spec for s in jax.tree.leaves(param_sh)]
+  assert any("model" in str(s) for s in specs) and any("fsdp" in str(s) for s in specs)
+  params = jax.device_put(params, param_sh)
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
+
+  @jax.jit
+  def fwd(p, b):
+    with sharding.use_rules(mesh, rules):
+      return run(nnx.merge(graphdef, p), b)
+
+  got = fwd(params, batch)
+  np.testing.assert_allclose(got["logits"], expected["logits"], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got["gates"], expected["gates"], atol=1e-6)
