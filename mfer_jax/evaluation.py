@@ -1,0 +1,96 @@
+"""Evaluation: the ABAW metric (macro-F1 over all 8 classes) and what explains it.
+
+The metric is computed from a confusion matrix so that it can be accumulated on device over
+any number of hosts and batches (see `mfer_jax.training.step.make_eval_step`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Iterable
+
+import numpy as np
+
+from mfer_jax.data.store import CLASS_NAMES, atomic_write_json
+
+
+def f1_from_confusion(confusion: np.ndarray) -> np.ndarray:
+  """Per-class F1 from a confusion matrix (rows = true, columns = predicted).
+
+  A class with no true and no predicted examples gets F1 0, like scikit-learn's
+  ``f1_score(average=None, labels=range(C), zero_division=0)``; ABAW averages over all 8
+  classes whether or not a split contains them.
+  """
+  confusion = np.asarray(confusion, np.float64)
+  tp = np.diag(confusion)
+  support = confusion.sum(axis=1)
+  predicted = confusion.sum(axis=0)
+  denom = support + predicted
+  return np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0)
+
+
+def confusion_matrix(labels: Iterable[int], preds: Iterable[int], num_classes: int) -> np.ndarray:
+  """Confusion matrix from label and prediction sequences (labels < 0 are ignored)."""
+  labels, preds = np.asarray(labels), np.asarray(preds)
+  keep = labels >= 0
+  cm = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(cm, (labels[keep], preds[keep]), 1)
+  return cm
+
+
+def summarize(confusion: np.ndarray, gate_sum: np.ndarray | None = None,
+              class_names=CLASS_NAMES) -> dict[str, Any]:
+  """All evaluation numbers as a JSON-ready dict.
+
+  Returns:
+    {"macro_f1", "accuracy", "per_class_f1": {name: f1}, "support": {name: n},
+     "confusion": [[...]], "gate_mean": {name: [visual, audio]} (when gate_sum is given),
+     "num_examples"}.
+  """
+  confusion = np.asarray(confusion, np.float64)
+  f1 = f1_from_confusion(confusion)
+  support = confusion.sum(axis=1)
+  total = confusion.sum()
+  out = {
+      "macro_f1": float(f1.mean()),
+      "accuracy": float(np.trace(confusion) / total) if total else 0.0,
+      "per_class_f1": {n: float(v) for n, v in zip(class_names, f1)},
+      "support": {n: int(v) for n, v in zip(class_names, support)},
+      "confusion": confusion.astype(np.int64).tolist(),
+      "num_examples": int(total),
+  }
+  if gate_sum is not None:
+    gate_sum = np.asarray(gate_sum, np.float64)
+    means = gate_sum / np.maximum(support[:, None], 1)
+    out["gate_mean"] = {n: [float(a), float(b)] for n, (a, b) in zip(class_names, means)}
+  return out
+
+
+def write_eval(workdir: str | os.PathLike, step: int, result: dict[str, Any]) -> pathlib.Path:
+  """Writes ``eval/<step>.json`` atomically and returns its path."""
+  path = pathlib.Path(workdir) / "eval" / f"{step}.json"
+  atomic_write_json(path, {"step": int(step), **result})
+  return path
+
+
+def read_evals(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """All eval JSONs of a workdir, sorted by step."""
+  paths = sorted((pathlib.Path(workdir) / "eval").glob("*.json"), key=lambda p: int(p.stem))
+  return [json.loads(p.read_text()) for p in paths]
+
+
+def format_summary(result: dict[str, Any]) -> str:
+  """A readable multi-line table of per-class F1, support and gate weights."""
+  lines = [f"macro-F1 {result['macro_f1']:.4f}   accuracy {result['accuracy']:.4f}   "
+           f"({result['num_examples']} frames)",
+           f"{'class':<10} {'F1':>7} {'support':>8}" + ("   gate visual/audio"
+                                                       if "gate_mean" in result else "")]
+  for name in result["per_class_f1"]:
+    line = f"{name:<10} {result['per_class_f1'][name]:>7.4f} {result['support'][name]:>8d}"
+    if "gate_mean" in result:
+      v, a = result["gate_mean"][name]
+      line += f"   {v:.2f} / {a:.2f}"
+    lines.append(line)
+  return "\n".join(lines)

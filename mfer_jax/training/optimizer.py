@@ -1,0 +1,61 @@
+"""Optimizer and learning-rate schedule from ``config.train``."""
+
+from __future__ import annotations
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+
+def learning_rate_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to ``cfg.learning_rate``, then cosine decay to ``lr * final_lr_ratio``."""
+  warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=cfg.learning_rate * cfg.final_lr_ratio)
+
+
+def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                               optax.Schedule]:
+  """Builds the optimizer named by ``cfg.optimizer`` ('adamw' or 'adam').
+
+  Args:
+    cfg: ``config.train``: optimizer, learning_rate, warmup_steps, final_lr_ratio,
+      weight_decay, b1, b2, grad_clip_norm.
+    total_steps: optimizer steps of the whole run (for the cosine decay).
+
+  Returns:
+    (transformation, schedule); the schedule is also used to log the learning rate.
+  """
+  schedule = learning_rate_schedule(cfg, total_steps)
+  parts = []
+  if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  if cfg.optimizer == "adamw":
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
+                             weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+  elif cfg.optimizer == "adam":
+    # The authors' 2022 recipe: Adam with L2 weight decay added to the gradient.
+    parts += [optax.add_decayed_weights(cfg.weight_decay, mask=weight_decay_mask),
+              optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)]
+  else:
+    raise ValueError(f"train.optimizer {cfg.optimizer!r}: choose 'adamw' or 'adam'")
+  return optax.chain(*parts), schedule
+
+
+_NO_DECAY_NAMES = ("relative_position", "modality_embed")
+
+
+def weight_decay_mask(params):
+  """True for leaves that get weight decay: matrices and kernels.
+
+  Biases, norms (1-D) and the embedding-like tables (relative-position bias, modality
+  embeddings) are not decayed, following timm's Swin ``no_weight_decay``.
+  """
+
+  def decay(path, p):
+    name = jax.tree_util.keystr(path)
+    return p.ndim >= 2 and not any(n in name for n in _NO_DECAY_NAMES)
+
+  return jax.tree_util.tree_map_with_path(decay, params)

@@ -1,0 +1,160 @@
+"""The jitted train and eval steps.
+
+Both are compiled once per run: batches have static shapes (the eval pipeline pads its last
+batch and sends a mask), the state is donated, and nothing leaves the device inside a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from mfer_jax import sharding
+from mfer_jax.training.state import ModelSpec, TrainState
+
+BATCH_KEYS = ("face", "mel", "has_face", "label", "mask")
+
+
+def batch_shardings(mesh: Mesh, rules, example_batch: dict[str, Any]) -> dict[str, Any]:
+  """Batch-axis sharding for every array of a batch dict."""
+  return {k: sharding.batch_sharding(mesh, rules, np.ndim(v)) for k, v in example_batch.items()}
+
+
+def _weighted_ce(logits, labels, weights, num_classes: int, label_smoothing: float):
+  """Sum over examples of weight * cross entropy, and the sum of weights."""
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+  ce = optax.softmax_cross_entropy(logits, targets)
+  return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, cfg: ConfigDict, mesh: Mesh,
+                    state_sh: TrainState, batch_sh: dict[str, Any],
+                    class_weights: np.ndarray) -> Callable:
+  """Builds ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings.
+
+  Args:
+    spec: the model's static half.
+    tx: optimizer.
+    schedule: learning-rate schedule (for logging).
+    cfg: the whole config (uses train.grad_accum_steps, train.label_smoothing,
+      model.num_classes, mesh.rules).
+    mesh: device mesh.
+    state_sh: shardings of the TrainState.
+    batch_sh: shardings of the batch dict.
+    class_weights: float32 [num_classes] loss weight per class (ones for none).
+  """
+  num_classes = cfg.model.num_classes
+  accum = int(cfg.train.grad_accum_steps)
+  smoothing = float(cfg.train.label_smoothing)
+  rules = cfg.mesh.rules
+  cw = jnp.asarray(class_weights, jnp.float32)
+
+  def micro_loss(params, micro, key):
+    model = spec.merge(params)
+    out = model(micro["face"], micro["mel"], micro["has_face"], rngs=nnx.Rngs(dropout=key))
+    labels = jnp.maximum(micro["label"], 0)
+    weights = micro["mask"].astype(jnp.float32) * cw[labels]
+    loss_sum, weight_sum = _weighted_ce(out["logits"], labels, weights, num_classes, smoothing)
+    correct = jnp.sum((out["logits"].argmax(-1) == labels) * micro["mask"])
+    return loss_sum, (weight_sum, correct)
+
+  grad_fn = jax.grad(micro_loss, has_aux=True)
+  value_grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step(state: TrainState, batch: dict[str, jax.Array]):
+    key = jax.random.fold_in(state.rng, state.step)
+    if accum == 1:
+      (loss_sum, (w_sum, correct)), grads = value_grad_fn(state.params, batch, key)
+    else:
+      # Microbatch j takes rows j, j+accum, ... so every microbatch stays spread over all
+      # data-parallel devices instead of living on a slice of them.
+      micro = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, xs):
+        mb, j = xs
+        (l, (w, c)), g = value_grad_fn(state.params, mb, jax.random.fold_in(key, j))
+        gsum, lsum, wsum, csum = carry
+        return (jax.tree.map(jnp.add, gsum, g), lsum + l, wsum + w, csum + c), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss_sum, w_sum, correct), _ = jax.lax.scan(
+          body, (zeros, 0.0, 0.0, 0), (micro, jnp.arange(accum)))
+    denom = jnp.maximum(w_sum, 1e-6)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # NaN guard: a non-finite loss or gradient freezes the state and records the step; the
+    # loop stops at its next check, and no checkpoint is written after it.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + ok.astype(jnp.int32),
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=state.rng,
+        bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step))
+    n = jnp.sum(batch["mask"])
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "accuracy": correct / jnp.maximum(n, 1), "examples": n}
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, P())
+  jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=0)
+
+  def run(state, batch):
+    with sharding.use_rules(mesh, rules):
+      return jitted(state, batch)
+
+  return run
+
+
+def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
+                   batch_sh: dict[str, Any]) -> Callable:
+  """Builds ``eval_step(params, acc, batch) -> acc`` that accumulates on device.
+
+  ``acc`` holds the confusion matrix [C, C] (rows true, columns predicted) and per-class sums
+  of the modality gates [C, 2]; masked (padding) rows add nothing. Accumulating on device
+  keeps per-batch host transfers out of evaluation, and the result is already the global sum
+  over all hosts.
+  """
+  num_classes = cfg.model.num_classes
+  replicated = NamedSharding(mesh, P())
+
+  def eval_step(params, acc, batch):
+    model = spec.merge(params)
+    out = model(batch["face"], batch["mel"], batch["has_face"])
+    valid = batch["mask"] & (batch["label"] >= 0)
+    true = jax.nn.one_hot(jnp.maximum(batch["label"], 0), num_classes) * valid[:, None]
+    pred = jax.nn.one_hot(out["logits"].argmax(-1), num_classes)
+    return {"confusion": acc["confusion"] + true.T @ pred,
+            "gate_sum": acc["gate_sum"] + true.T @ out["gates"]}
+
+  acc_sh = {"confusion": replicated, "gate_sum": replicated}
+  jitted = jax.jit(eval_step, in_shardings=(param_sh, acc_sh, batch_sh), out_shardings=acc_sh,
+                   donate_argnums=1)
+
+  def run(params, acc, batch):
+    with sharding.use_rules(mesh, cfg.mesh.rules):
+      return jitted(params, acc, batch)
+
+  return run
+
+
+def empty_eval_accumulator(num_classes: int, mesh: Mesh) -> dict[str, jax.Array]:
+  replicated = NamedSharding(mesh, P())
+  return {"confusion": jax.device_put(jnp.zeros((num_classes, num_classes)), replicated),
+          "gate_sum": jax.device_put(jnp.zeros((num_classes, 2)), replicated)}
