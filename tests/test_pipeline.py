@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -298,3 +299,56 @@ def test_global_batch_sharding_and_content(data_dir, mesh_shape):
   assert int(total) == int(batch["label"].sum())
   with pytest.raises(ValueError, match="'label'"):
     pipeline.to_global_batch({"label": batch["label"][:6]}, mesh)
+
+
+_HOST_SCRIPT = """
+import hashlib, json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                           process_id=int(sys.argv[1]))
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+from mfer_jax import sharding
+from mfer_jax.data import pipeline, store
+
+cfg = ml_collections.ConfigDict(json.loads({cfg!r}))
+mesh = sharding.make_mesh((-1, 1, 1))
+it = pipeline.make_train_iterator(cfg, store.load_split(cfg.data_dir, "train"))
+out = {{"local_batch": it.local_batch_size, "train": []}}
+for _ in range(2):
+  full = multihost_utils.process_allgather(pipeline.to_global_batch(next(it), mesh), tiled=True)
+  out["train"].append({{k: hashlib.sha256(np.asarray(v).tobytes()).hexdigest()
+                       for k, v in full.items()}})
+ev = pipeline.make_eval_pipeline(cfg, store.load_split(cfg.data_dir, "validation"))
+index = []
+for local in ev:
+  g = multihost_utils.process_allgather(pipeline.to_global_batch(local, mesh), tiled=True)
+  index.extend(np.asarray(g["index"])[np.asarray(g["mask"])].tolist())
+out["eval_index"] = index
+print(json.dumps(out))
+"""
+
+
+def test_two_real_processes_build_the_single_host_global_batches(data_dir, tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  cfg = _cfg(data_dir, eval_batch_size=16)   # global batches must split over 8 devices
+  script = _HOST_SCRIPT.format(port=port, cfg=cfg.to_json())
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(p)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for p in range(2)]
+  outs = [p.communicate(timeout=180) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+  expected = [{k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+               for k, v in b.items()} for b in _take(_train(cfg), 2)]
+  val = store.load_split(data_dir, "validation")
+  for r in results:
+    assert r["local_batch"] == 4
+    assert r["train"] == expected
+    assert r["eval_index"] == np.flatnonzero(val.label >= 0).tolist()
