@@ -208,18 +208,19 @@ class WindowAttention(nnx.Module):
     """x: [B, num_windows, N, C]; mask: [num_windows, N, N] or None. Returns the same shape."""
     b, nw, n, c = x.shape
     h = self.num_heads
-    qkv = self.qkv(x).reshape(b, nw, n, 3, h, c // h)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    q = q * (c // h) ** -0.5
-    attn = einsum("bwnhd,bwmhd->bwhnm", q, k, self.dtype).astype(jnp.float32)
+    # Heads next to the batch dims, as timm's permute: every attention dot (and its
+    # gradients) then has leading batch dims, the layout XLA:CPU's bf16 dots support.
+    qkv = self.qkv(x).reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)
+    q, k, v = qkv[0] * (c // h) ** -0.5, qkv[1], qkv[2]
+    attn = einsum("bwhnd,bwhmd->bwhnm", q, k, self.dtype).astype(jnp.float32)
     index = relative_position_index(self.window).reshape(-1)
     bias = self.relative_position_bias_table[...][index].reshape(n, n, h).transpose(2, 0, 1)
     attn = attn + bias.astype(jnp.float32)
     if mask is not None:
       attn = attn + mask[:, None]
     attn = jax.nn.softmax(attn, axis=-1)
-    out = einsum("bwhnm,bwmhd->bwnhd", attn, v, self.dtype)
-    return self.proj(out.reshape(b, nw, n, c))
+    out = einsum("bwhnm,bwhmd->bwhnd", attn, v, self.dtype)
+    return self.proj(out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c))
 
 
 class Mlp(nnx.Module):
