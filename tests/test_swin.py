@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from safetensors.torch import save_file
 
+from mfer_jax.models import matmul
 from mfer_jax.models import swin
 from mfer_jax.models import swin_import
 from mfer_jax.models import swin_layers
@@ -137,21 +138,34 @@ def test_drop_path_only_with_rngs(tmp_path):
   np.testing.assert_array_equal(np.asarray(_forward(model, x)[1]), base)
 
 
-def test_lowp_einsum_gradients_are_bf16_products_in_f32():
-  """Both backward dots see bf16 operands and accumulate in float32."""
+# Dense forward/backward, both attention products, and the patch embedding.
+EINSUM_CASES = [("mi,io->mo", (6, 5), (5, 3)),
+                ("bwhnd,bwhmd->bwhnm", (2, 3, 2, 4, 5), (2, 3, 2, 4, 5)),
+                ("bwhnm,bwhmd->bwhnd", (2, 3, 2, 4, 4), (2, 3, 2, 4, 5)),
+                ("bhpwqc,pqco->bhwo", (2, 3, 2, 3, 2, 3), (2, 2, 3, 4))]
+
+
+@pytest.mark.parametrize("spec,sa,sb", EINSUM_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_einsum_and_its_gradients_match_jnp(spec, sa, sb, dtype):
+  """Products of ``dtype``-rounded operands accumulated in float32, in both passes."""
   rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
-  b = jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
-  g = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
-  spec = "bni,io->bno"
-  out, vjp = jax.vjp(lambda a, b: swin_layers.einsum(spec, a, b, jnp.bfloat16), a, b)
-  bf = lambda t: t.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
-  want_out, want_vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), bf(a), bf(b))
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (sa, sb))
+  out, vjp = jax.vjp(lambda a, b: matmul.einsum(spec, a, b, dtype), a, b)
+  g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  rnd = lambda t: t.astype(dtype).astype(jnp.float32)  # noqa: E731
+  want_out, want_vjp = jax.vjp(
+      lambda a, b: jnp.einsum(spec, a, b, precision="highest"), rnd(a), rnd(b))
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
-  for got, want in zip(vjp(g), want_vjp(bf(g))):
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  for got, want in zip(vjp(g), want_vjp(rnd(g))):
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_rejects_an_index_summed_within_one_operand():
+  with pytest.raises(ValueError, match="summed within one operand"):
+    matmul.einsum("ij,jk->k", jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.float32)
 
 
 def test_bf16_compute_stays_close_to_float32(tmp_path):

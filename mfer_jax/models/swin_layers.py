@@ -8,8 +8,8 @@ result:
   windows into the batch) so the shift mask broadcasts without reshapes.
 * The relative-position index and the shift mask are numpy constants built from static shapes
   at trace time (cached), not buffers or params: they never enter the state or a checkpoint.
-* All matmuls go through `einsum`, which in float32 is a plain ``jnp.einsum`` and with a
-  low-precision ``dtype`` runs bf16-in / f32-out in both passes (see its docstring).
+* All matmuls go through `mfer_jax.models.matmul.einsum`: float32, or bf16-in / f32-out in
+  both passes with a low-precision ``dtype``, in layouts XLA:CPU runs fast.
 * LayerNorm, softmax and GELU always run in float32.
 """
 
@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from mfer_jax import sharding
+from mfer_jax.models.matmul import einsum
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which the pretrained weights were trained with.
 MASK_VALUE = -100.0  # timm's value for cross-region pairs in shifted windows (not -inf).
@@ -36,57 +37,6 @@ _ones = nnx.initializers.ones_init()
 
 def _param(init, names: Sequence[str | None], key, shape, dtype) -> nnx.Param:
   return nnx.Param(nnx.with_partitioning(init, tuple(names))(key, shape, dtype))
-
-
-# ----------------------------------------------------------------------------- matmuls
-
-
-def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-  """Two-operand einsum in the compute ``dtype``.
-
-  float32: a plain ``jnp.einsum`` (the parity path). Any other dtype (bfloat16): both operands
-  are cast to it and the product accumulates and returns in float32, forward and backward.
-  The custom VJP is what makes training fast on AMX CPUs: JAX's own transpose of a mixed
-  dot emits float32 matmuls (DESIGN.md §6), ours keeps both backward dots bf16-in / f32-out.
-
-  Args:
-    spec: ``"ab,bc->ac"`` style; every index of an operand must appear in the other operand
-      or in the output (true for dense layers and attention), so both gradients are einsums.
-    a: first operand.
-    b: second operand.
-    dtype: compute dtype.
-
-  Returns:
-    The product, float32 unless both operands and ``dtype`` are of another single dtype.
-  """
-  if jnp.dtype(dtype) == jnp.float32:
-    return jnp.einsum(spec, a, b)
-  return _lowp_einsum(spec, jnp.dtype(dtype), a, b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lowp_einsum(spec, dtype, a, b):
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def _lowp_einsum_fwd(spec, dtype, a, b):
-  a_low, b_low = a.astype(dtype), b.astype(dtype)
-  out = jnp.einsum(spec, a_low, b_low, preferred_element_type=jnp.float32)
-  # Zero-size tags carry the primal dtypes: residuals must be arrays.
-  return out, (a_low, b_low, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
-
-
-def _lowp_einsum_bwd(spec, dtype, res, g):
-  a_low, b_low, a_tag, b_tag = res
-  lhs, out = spec.split("->")
-  sa, sb = lhs.split(",")
-  g_low = g.astype(dtype)
-  da = jnp.einsum(f"{out},{sb}->{sa}", g_low, b_low, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{sa},{out}->{sb}", a_low, g_low, preferred_element_type=jnp.float32)
-  return da.astype(a_tag.dtype), db.astype(b_tag.dtype)
-
-
-_lowp_einsum.defvjp(_lowp_einsum_fwd, _lowp_einsum_bwd)
 
 
 # ----------------------------------------------------------------------------- basic layers
@@ -104,7 +54,9 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = einsum("...i,io->...o", x, self.kernel[...], self.dtype)
+    kernel = self.kernel[...]
+    y = einsum("mi,io->mo", x.reshape(-1, kernel.shape[0]), kernel, self.dtype)
+    y = y.reshape(*x.shape[:-1], kernel.shape[1])
     return y if self.bias is None else y + self.bias[...]
 
 
