@@ -195,6 +195,8 @@ def test_config_errors_and_shapes():
   cfg = swin.swin_config("tiny", img_size=(224, 448))
   model = nnx.eval_shape(lambda: swin.SwinTransformer(cfg, rngs=nnx.Rngs(0)))
   assert (model.num_features, model.grid_size) == (768, (7, 14))
+  with pytest.raises(ValueError, match=r"expected input \[B, 224, 448, 3\] \(NHWC\)"):
+    model(jnp.zeros((1, 3, 224, 448)))
   with pytest.raises(ValueError, match="multiple of patch_size"):
     swin.swin_config("tiny", img_size=(226, 224))
 
