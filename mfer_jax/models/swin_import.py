@@ -47,8 +47,8 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- reading
 
 
-def read_state_dict(path: str) -> tuple[Params, dict[str, str]]:
-  """Reads every float tensor of a checkpoint as float32 numpy, plus safetensors metadata.
+def read_state_dict(path: str) -> Params:
+  """Reads every float tensor of a checkpoint as numpy (float32 for torch files).
 
   Raises:
     CheckpointError: unreadable or truncated file, pickled code, or torch missing for .pth.
@@ -58,7 +58,7 @@ def read_state_dict(path: str) -> tuple[Params, dict[str, str]]:
   try:
     if path.endswith(".safetensors"):
       return _read_safetensors(path)
-    return _read_torch(path), {}
+    return _read_torch(path)
   except CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -67,14 +67,9 @@ def read_state_dict(path: str) -> tuple[Params, dict[str, str]]:
         "corrupt; re-download or re-export it (e.g. `python -m mfer_jax.convert`).") from e
 
 
-def _read_safetensors(path: str) -> tuple[Params, dict[str, str]]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  out = {}
-  with safe_open(path, framework="numpy") as f:
-    meta = dict(f.metadata() or {})
-    for k in f.keys():
-      out[k] = f.get_tensor(k)
-  return out, meta
+def _read_safetensors(path: str) -> Params:
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  return load_file(path)
 
 
 def _read_torch(path: str) -> Params:
@@ -262,7 +257,7 @@ def load_swin_params(path: str, cfg: swin.SwinConfig) -> Params:
     CheckpointError: unreadable file, or keys that do not fit ``cfg`` (the message lists
       missing, unexpected and mis-shaped keys and what the checkpoint looks like).
   """
-  raw, _ = read_state_dict(path)
+  raw = read_state_dict(path)
   ours = any("/" in k for k in raw)
   want = expected_shapes(cfg)
   if ours:
