@@ -30,7 +30,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and Grain log each file operation at INFO; progress comes from mfer_jax.console.
+    logging.set_verbosity(logging.WARNING)
   runner.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                       _PROCESS_ID.value)
   runner.run(_CONFIG.value, _WORKDIR.value, _MODE.value)

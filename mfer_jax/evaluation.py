@@ -71,7 +71,8 @@ def summarize(confusion: np.ndarray, gate_sum: np.ndarray | None = None,
 def write_eval(workdir: str | os.PathLike, step: int, result: dict[str, Any]) -> pathlib.Path:
   """Writes ``eval/<step>.json`` atomically and returns its path."""
   path = pathlib.Path(workdir) / "eval" / f"{step}.json"
-  atomic_write_json(path, {"step": int(step), **result})
+  # Unsorted: per-class entries stay in class-index order.
+  atomic_write_json(path, {"step": int(step), **result}, sort_keys=False)
   return path
 
 

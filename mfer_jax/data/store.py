@@ -61,9 +61,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON, atomically."""
-  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+def atomic_write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
+  """Writes ``obj`` as indented JSON, atomically (``sort_keys=False`` keeps dict order)."""
+  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n")
+                     .encode("utf-8"))
 
 
 def shard_path(data_dir: str | os.PathLike, split: str, video: str) -> pathlib.Path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from absl import logging
 from flax import nnx
+
+from mfer_jax import console
 from ml_collections import ConfigDict
 
 from mfer_jax.models import swin_import
@@ -45,7 +47,7 @@ def apply_init_files(config: ConfigDict, spec: ModelSpec, state: TrainState) -> 
       raise InitFileError(f"{key}={path}: {e}\nConvert a timm or Microsoft Swin checkpoint "
                           "with `python -m mfer_jax.convert --help`, or set the key to '' "
                           "to train from scratch.") from e
-    logging.info("Initialised %s from %s", key.split(".")[1], path)
+    console.say(f"Initialised the {key.split('.')[1]} encoder from {path}")
     loaded = True
   if not loaded:
     return state

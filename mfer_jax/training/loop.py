@@ -16,10 +16,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from ml_collections import ConfigDict
 
-from mfer_jax import evaluation, sharding
+from mfer_jax import console, evaluation, sharding
 from mfer_jax.data import pipeline, store
 from mfer_jax.training import checkpointing, init_files, observability, optimizer, state as state_lib
 from mfer_jax.training import step as step_lib
@@ -86,7 +85,7 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
                                             async_save=config.train.async_checkpointing)
   latest = checkpointer.latest_step()
   if latest is not None:
-    logging.info("Resuming from %s step %d", checkpointer.directory, latest)
+    console.say(f"Resuming from {checkpointer.directory} step {latest}")
     state = checkpointer.restore(latest, state_lib.abstract_state(state_sh, spec, tx),
                                  train_iter)
   else:
@@ -152,8 +151,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
   state, train_step, last_eval = run.state, None, None
   pending: list[dict[str, jax.Array]] = []
   t_log = time.monotonic()
-  logging.info("Training steps %d..%d (%d per epoch) on mesh %s", start, run.total_steps,
-               run.steps_per_epoch, dict(run.mesh.shape))
+  console.say(f"Training steps {start}..{run.total_steps} ({run.steps_per_epoch} per epoch) "
+              f"on mesh {dict(run.mesh.shape)}, workdir {run.workdir}")
   try:
     for step in range(start, run.total_steps):
       local = next(run.train_iter)
@@ -185,7 +184,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
           evaluation.write_eval(run.workdir, done, last_eval)
         writer.scalars(done, {"macro_f1": last_eval["macro_f1"],
                               "accuracy": last_eval["accuracy"]}, "eval")
-        logging.info("step %d: validation macro-F1 %.4f", done, last_eval["macro_f1"])
+        console.say(f"step {done}: validation macro-F1 {last_eval['macro_f1']:.4f}")
         eval_metrics = {"macro_f1": last_eval["macro_f1"]}
         if config.data.sampling.adaptive_beta > 0:
           run.train_iter.set_class_f1(list(last_eval["per_class_f1"].values()))
@@ -195,8 +194,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
         run.checkpointer.save(done, state, run.train_iter, metrics=eval_metrics,
                               force=sigterm.raised)
       if sigterm.raised:
-        logging.warning("SIGTERM: saved a checkpoint at step %d and stopped; rerun the same "
-                        "command to resume.", done)
+        console.say(f"SIGTERM: saved a checkpoint at step {done} and stopped; rerun the same "
+                    "command to resume.")
         break
   finally:
     progress.close()
