@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "av~=18.1.0",
     "opencv-python-headless~=5.0.0",
+    # Face detector with its model compiled in (HOG + linear SVM); see data_prep/faces.py.
+    "dlib-bin~=20.0.1",
     "safetensors>=0.4",
     "scikit-learn~=1.9.0",
     "tensorboardX~=2.6",

@@ -1,0 +1,199 @@
+"""Drawing the synthetic faces and voices of `data_prep.synth` (one frame, one audio track).
+
+Faces are cartoon faces drawn with OpenCV: a skin-toned head ellipse with hair, eyebrows, eyes
+with pupils, a shaded nose and a mouth. The *face code* (0..3) changes the features:
+
+    0 calm      straight mouth, level brows, open eyes
+    1 smile     wide upturned mouth, raised level brows
+    2 sad       downturned mouth, brows raised at the inner ends, wide eyes
+    3 tense     brows lowered at the inner ends (a V), narrowed eyes, small tight mouth
+
+Voices are vowel-like harmonic sounds. The *audio code* (0..3) sets the pitch and the syllable
+rate, both visible in a 2 s log-mel window:
+
+    0 low pitch, slow syllables     1 low pitch, fast syllables
+    2 high pitch, slow syllables    3 high pitch, fast syllables
+
+Each identity (per person and video) varies the skin tone, face size, hair, pitch (within its
+band) and syllable timing, so neither modality is a lookup table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+# Skin tones (RGB) from light to dark; identities pick one and jitter it.
+_SKIN_TONES = ((241, 205, 180), (224, 172, 138), (198, 134, 96), (172, 114, 80), (140, 94, 66))
+# (f0 band in Hz, syllables per second) per audio code.
+_VOICE_PITCH = ((110.0, 150.0), (110.0, 150.0), (240.0, 320.0), (240.0, 320.0))
+_VOICE_RATE = ((1.5, 2.5), (5.0, 7.0), (1.5, 2.5), (5.0, 7.0))
+NUM_FACE_CODES = 4
+NUM_AUDIO_CODES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceIdentity:
+  """How one person looks: fixed for a person in a video."""
+
+  skin: tuple[int, int, int]
+  hair: tuple[int, int, int]
+  size: float          # face (head ellipse) height in pixels
+  aspect: float        # head width / height
+  eye_gap: float       # eye distance as a fraction of the face width
+
+
+def random_identity(rng: np.random.Generator, frame_height: int) -> FaceIdentity:
+  """Draws a person: skin tone, hair colour and face size (62-75% of the frame height)."""
+  base = np.array(_SKIN_TONES[rng.integers(len(_SKIN_TONES))], float)
+  skin = tuple(int(v) for v in np.clip(base + rng.normal(0, 8, 3), 0, 255))
+  hair = tuple(int(v) for v in rng.integers(10, 90) * np.array([1.0, 0.8, 0.6]))
+  return FaceIdentity(skin=skin, hair=hair, size=float(rng.uniform(0.62, 0.75) * frame_height),
+                      aspect=float(rng.uniform(0.72, 0.82)), eye_gap=float(rng.uniform(0.36, 0.42)))
+
+
+def face_box(center: tuple[float, float], ident: FaceIdentity) -> tuple[float, float, float, float]:
+  """The ground-truth face box (x0, y0, x1, y1): brows to chin, cheek to cheek.
+
+  This follows the convention of frontal face detectors (the box starts at the eyebrows, not
+  at the hair line), so a detector's box and this one overlap well.
+  """
+  cx, cy = center
+  half_w = 0.5 * ident.size * ident.aspect
+  return (cx - half_w, cy - 0.28 * ident.size, cx + half_w, cy + 0.5 * ident.size)
+
+
+def _pt(x: float, y: float) -> tuple[int, int]:
+  return (int(round(x)), int(round(y)))
+
+
+def draw_face(img: np.ndarray, center: tuple[float, float], ident: FaceIdentity, face_code: int,
+              blink: bool = False) -> None:
+  """Draws a face with the features of ``face_code`` into the RGB image ``img`` (in place).
+
+  Args:
+    img: uint8 RGB canvas [H, W, 3].
+    center: head centre (x, y) in pixels.
+    ident: the person's look.
+    face_code: 0 calm, 1 smile, 2 sad, 3 tense (see the module docstring).
+    blink: draw the eyes closed for this frame.
+  """
+  cx, cy = center
+  h = ident.size
+  w = h * ident.aspect
+  aa = cv2.LINE_AA
+  dark = (30, 20, 20)
+  # Hair behind and above the head, then the head and the ears.
+  cv2.ellipse(img, _pt(cx, cy - 0.12 * h), _pt(0.56 * w, 0.5 * h), 0, 180, 360, ident.hair, -1, aa)
+  for side in (-1, 1):
+    cv2.ellipse(img, _pt(cx + side * 0.5 * w, cy), _pt(0.08 * w, 0.12 * h), 0, 0, 360,
+                tuple(int(0.9 * v) for v in ident.skin), -1, aa)
+  # Darker cheeks and jaw around a lighter centre: the shading of a lit, rounded face.
+  cv2.ellipse(img, _pt(cx, cy), _pt(0.5 * w, 0.5 * h), 0, 0, 360,
+              tuple(int(0.8 * v) for v in ident.skin), -1, aa)
+  cv2.ellipse(img, _pt(cx, cy - 0.03 * h), _pt(0.4 * w, 0.45 * h), 0, 0, 360, ident.skin, -1, aa)
+  cv2.ellipse(img, _pt(cx, cy - 0.38 * h), _pt(0.48 * w, 0.16 * h), 0, 180, 360, ident.hair, -1, aa)
+  # Eyes.
+  eye_y = cy - 0.1 * h
+  eye_dx = 0.5 * ident.eye_gap * w
+  eye_w, eye_h = 0.12 * w, {0: 0.05, 1: 0.05, 2: 0.065, 3: 0.025}[face_code] * h
+  shade = tuple(int(0.75 * v) for v in ident.skin)
+  for side in (-1, 1):
+    ex = cx + side * eye_dx
+    # Eye socket shadow, from the brow to below the eye.
+    cv2.ellipse(img, _pt(ex, eye_y - 0.03 * h), _pt(1.5 * eye_w, 0.09 * h), 0, 0, 360,
+                shade, -1, aa)
+    if blink:
+      cv2.line(img, _pt(ex - eye_w, eye_y), _pt(ex + eye_w, eye_y), dark, max(1, int(0.012 * h)), aa)
+    else:
+      cv2.ellipse(img, _pt(ex, eye_y), _pt(eye_w, eye_h), 0, 0, 360, (245, 245, 240), -1, aa)
+      cv2.circle(img, _pt(ex, eye_y), int(round(min(eye_h, 0.6 * eye_w))), dark, -1, aa)
+    # Brows: (outer end y, inner end y) offsets above the eye, per code.
+    outer, inner = {0: (0.1, 0.1), 1: (0.13, 0.13), 2: (0.09, 0.15), 3: (0.12, 0.04)}[face_code]
+    bx_out, bx_in = ex + side * 1.3 * eye_w, ex - side * 1.0 * eye_w
+    cv2.line(img, _pt(bx_out, eye_y - outer * h), _pt(bx_in, eye_y - inner * h), dark,
+             max(2, int(0.03 * h)), aa)
+  # Nose: a shaded wedge.
+  nose = np.array([_pt(cx, cy - 0.05 * h), _pt(cx - 0.07 * w, cy + 0.12 * h),
+                   _pt(cx + 0.07 * w, cy + 0.12 * h)], np.int32)
+  cv2.fillConvexPoly(img, nose, shade, aa)
+  for side in (-1, 1):  # nostrils
+    cv2.circle(img, _pt(cx + side * 0.035 * w, cy + 0.11 * h), max(1, int(0.015 * h)),
+               tuple(int(0.5 * v) for v in ident.skin), -1, aa)
+  # Shadow of the mouth region, under any mouth shape.
+  cv2.ellipse(img, _pt(cx, cy + 0.26 * h), _pt(0.3 * w, 0.07 * h), 0, 0, 360,
+              tuple(int(0.9 * v) for v in ident.skin), -1, aa)
+  # Mouth.
+  my, mw = cy + 0.26 * h, 0.22 * w
+  thick = max(2, int(0.03 * h))
+  lips = (150, 40, 50)
+  if face_code == 0:
+    cv2.line(img, _pt(cx - mw, my), _pt(cx + mw, my), lips, thick, aa)
+  elif face_code == 1:
+    cv2.ellipse(img, _pt(cx, my - 0.05 * h), _pt(1.2 * mw, 0.1 * h), 0, 10, 170, lips, thick + 1, aa)
+  elif face_code == 2:
+    cv2.ellipse(img, _pt(cx, my + 0.06 * h), _pt(mw, 0.08 * h), 0, 195, 345, lips, thick + 1, aa)
+  else:
+    cv2.rectangle(img, _pt(cx - 0.5 * mw, my - 0.015 * h), _pt(cx + 0.5 * mw, my + 0.015 * h),
+                  lips, -1, aa)
+
+
+def random_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+  """A static per-video background: a colour gradient with a few soft rectangles (a room)."""
+  c0, c1 = rng.integers(30, 220, 3), rng.integers(30, 220, 3)
+  t = np.linspace(0.0, 1.0, height)[:, None, None]
+  img = (c0 * (1 - t) + c1 * t) * np.ones((1, width, 1))
+  img = img.astype(np.uint8)
+  for _ in range(rng.integers(2, 5)):
+    x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+    x1, y1 = x0 + int(rng.integers(20, width // 2)), y0 + int(rng.integers(20, height // 2))
+    cv2.rectangle(img, (x0, y0), (x1, y1), tuple(int(v) for v in rng.integers(30, 220, 3)), -1)
+  return cv2.GaussianBlur(img, (0, 0), 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Voice:
+  """How one person sounds: a pitch and syllable timing within each audio code's band."""
+
+  pitch_u: float       # position in the code's pitch band, 0..1
+  rate_u: float        # position in the code's syllable-rate band, 0..1
+  formant: float       # first formant in Hz (vowel colour)
+
+
+def random_voice(rng: np.random.Generator) -> Voice:
+  return Voice(pitch_u=float(rng.uniform()), rate_u=float(rng.uniform()),
+               formant=float(rng.uniform(500, 900)))
+
+
+def voice_segment(rng: np.random.Generator, voice: Voice, audio_code: int, num_samples: int,
+                  sample_rate: int) -> np.ndarray:
+  """A vowel-like sound of ``audio_code``: harmonics of f0 under a formant, syllable-modulated.
+
+  Returns:
+    float32 [num_samples], peak amplitude about 1.
+  """
+  lo, hi = _VOICE_PITCH[audio_code]
+  f0 = lo + (hi - lo) * voice.pitch_u
+  rlo, rhi = _VOICE_RATE[audio_code]
+  rate = rlo + (rhi - rlo) * voice.rate_u
+  t = np.arange(num_samples) / sample_rate
+  # Slow pitch drift (intonation) keeps the harmonics from being pure lines.
+  phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.04 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))))
+  phase /= sample_rate
+  out = np.zeros(num_samples)
+  nyquist = 0.45 * sample_rate
+  for k in range(1, 16):
+    fk = k * f0
+    if fk > min(nyquist, 7000):
+      break
+    # Two formant bumps shape the harmonic amplitudes: a vowel.
+    amp = (np.exp(-((fk - voice.formant) / 300) ** 2) + 0.5 * np.exp(-((fk - 2300) / 600) ** 2)
+           + 0.3 / k)
+    out += amp * np.sin(k * phase)
+  # Syllables: a raised-sine envelope at the code's rate, with a random start phase.
+  envelope = np.clip(np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi)), 0, None) ** 1.5
+  out *= envelope
+  peak = np.max(np.abs(out)) or 1.0
+  return (out / peak).astype(np.float32)
