@@ -1,0 +1,575 @@
+"""Builds the prepared dataset (ArrayRecord shards + index + metadata) from raw Aff-Wild2.
+
+    python -m data_prep.build --root AFFWILD2_DIR --out DATA_DIR \\
+        [--splits train,validation,test] [--workers N] [--test-list FILE] [--n-mels 64] ...
+
+One shard per annotation file (test: per listed video), one record per annotated valid frame
+(train/validation) or per decoded frame (test, label -1); see data_prep/README.md for the
+record schema, the alignment rule and the policy for each kind of bad input.
+
+Resumable: a video is finished when its sidecar ``<split>/<name>.done.json`` exists (written
+atomically after its shard), and a re-run skips it. ``metadata.json`` and the split indexes
+are written last, atomically, and removed first whenever any video has to be (re)built, so a
+dataset that has a metadata.json is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from data_prep import affwild2
+from data_prep import audio_features
+from data_prep import media
+from mfer_jax.data import records
+from mfer_jax.data import store
+
+FACE_SIZE = 112
+
+
+class BuildError(RuntimeError):
+  """A fatal problem (wrong root, nothing usable); the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoJob:
+  """One shard to build: an annotation file (or a test name) and its media and crops.
+
+  Attributes:
+    split: "train", "validation" or "test".
+    name: annotation name (``_left``/``_right`` kept).
+    media: media file path.
+    media_rel: media path relative to the root (written to the metadata).
+    crops: this name's crop folder (may not exist).
+    annotation: annotation file path; None for test videos.
+  """
+
+  split: str
+  name: str
+  media: str
+  media_rel: str
+  crops: str
+  annotation: str | None = None
+
+  def fingerprint(self) -> dict[str, Any]:
+    """Sizes and mtimes of the inputs: a finished video is rebuilt when they change."""
+    out = {}
+    for key, path in (("media", self.media), ("annotation", self.annotation)):
+      if path:
+        st = os.stat(path)
+        out[key] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+@dataclasses.dataclass
+class PreparedVideo:
+  """Everything about one video except the record bytes, which `records` yields lazily.
+
+  Attributes:
+    job: the job.
+    entry: its ``metadata.json`` ``videos`` entry.
+    frame, label, has_face: per-record index arrays, in record order.
+    warnings: messages about repairs (each names the file).
+  """
+
+  job: VideoJob
+  entry: dict[str, Any]
+  frame: np.ndarray
+  label: np.ndarray
+  has_face: np.ndarray
+  warnings: list[str]
+  _windows: audio_features.FrameWindows
+  _crops: set[int]
+
+  def records(self) -> Iterator[records.FrameRecord]:
+    """The video's records, in frame order (reads the crop files as it goes)."""
+    for frame, label, has_face in zip(self.frame.tolist(), self.label.tolist(),
+                                      self.has_face.tolist()):
+      face = b""
+      if has_face:
+        # Passed through unchanged: no JPEG re-encode, no quality loss, no CPU.
+        with open(os.path.join(self.job.crops, f"{frame:05d}.jpg"), "rb") as f:
+          face = f.read()
+      yield records.FrameRecord(split=self.job.split, video=self.job.name, frame=frame,
+                                label=label, face_jpeg=face,
+                                mel=np.array(self._windows[frame - 1]))
+
+
+class SkipVideo(Exception):
+  """This video is left out; the message (naming the file and line) says why."""
+
+
+def prepare_video(job: VideoJob, params: audio_features.FeatureParams) -> PreparedVideo:
+  """Reads one video's labels, frames count, audio and crops, applying the bad-input policies.
+
+  Raises:
+    SkipVideo: bad annotation (wrong header, non-integer or out-of-range label) or corrupt /
+      undecodable video.
+  """
+  warnings, flags = [], []
+  labels = None
+  if job.annotation is not None:
+    try:
+      labels = affwild2.parse_annotation(job.annotation)
+    except affwild2.AnnotationError as e:
+      raise SkipVideo(f"{e} (file skipped)") from None
+  try:
+    info = media.probe(job.media)
+  except media.MediaError as e:
+    raise SkipVideo(f"{e} (corrupt media, {job.name} skipped)") from None
+  n = info.num_frames
+  audio = np.zeros(0, np.float32)
+  if not info.has_audio:
+    flags.append("no_audio")
+    warnings.append(f"{job.media}: no audio track; {job.name} gets silent audio windows")
+  else:
+    try:
+      audio, _ = audio_features.load_audio(job.media, params, info.start_time)
+    except media.MediaError as e:
+      flags.append("audio_error")
+      warnings.append(f"{e}; {job.name} gets silent audio windows")
+  mel = audio_features.compute_log_mel(audio, params)
+  windows = audio_features.frame_windows(mel, info.fps, n, params)
+
+  entry: dict[str, Any] = {}
+  if labels is None:   # test: every decoded frame, unlabelled
+    label = np.full(n, -1, np.int32)
+  else:
+    entry["annotation_frames"] = int(labels.size)
+    if labels.size != n:
+      flags.append("length_mismatch")
+      action = ("truncated" if labels.size > n else "padded with -1")
+      warnings.append(f"{job.annotation}: {labels.size} labels but {job.media} decodes to {n} "
+                      f"frames; labels {action} to {n}")
+    label = np.full(n, -1, np.int32)
+    label[:min(n, labels.size)] = labels[:n]
+  frame = np.arange(1, n + 1, dtype=np.int32)
+  if labels is not None:
+    keep = label >= 0
+    frame, label = frame[keep], label[keep]
+
+  crops = affwild2.list_crops(job.crops)
+  if not crops:
+    flags.append("no_crops")
+    warnings.append(f"{job.crops}: no face crops; every record of {job.name} has no face")
+  has_face = np.fromiter((f in crops for f in frame.tolist()), bool, count=frame.size)
+
+  entry.update({
+      "split": job.split, "fps": float(info.fps),
+      "fps_fraction": f"{info.fps.numerator}/{info.fps.denominator}",
+      "num_frames": n, "duration": info.duration, "sample_rate": info.sample_rate,
+      "audio_channels": info.channels, "media": job.media_rel, "flags": flags,
+      "num_records": int(frame.size), "num_faces": int(has_face.sum())})
+  return PreparedVideo(job=job, entry=entry, frame=frame, label=label, has_face=has_face,
+                       warnings=warnings, _windows=windows, _crops=crops)
+
+
+# ---------------------------------------------------------------------------------------------
+# One video in a worker process: shard, then sidecar.
+
+
+def sidecar_path(out: str | os.PathLike, split: str, name: str) -> pathlib.Path:
+  return pathlib.Path(out) / split / f"{name}.done.json"
+
+
+@dataclasses.dataclass
+class VideoResult:
+  """What a worker reports for one job (JSON-able, so it doubles as the sidecar).
+
+  Attributes:
+    split, name: the job.
+    entry: the metadata entry, or None if skipped.
+    index: {"frame", "label", "has_face"} lists, in record order.
+    warnings: repairs made, each naming the file.
+    skipped: why the video was left out, or None.
+    resumed: True if a previous run had finished it.
+    cpu_seconds: worker CPU time spent on it.
+    shard_bytes: size of the shard file.
+  """
+
+  split: str
+  name: str
+  entry: dict[str, Any] | None = None
+  index: dict[str, list] | None = None
+  warnings: list[str] = dataclasses.field(default_factory=list)
+  skipped: str | None = None
+  resumed: bool = False
+  cpu_seconds: float = 0.0
+  shard_bytes: int = 0
+
+
+def load_sidecar(out, job: VideoJob, params) -> VideoResult | None:
+  """The finished result of ``job`` from a previous run, if its inputs and params still match."""
+  path = sidecar_path(out, job.split, job.name)
+  shard = store.shard_path(out, job.split, job.name)
+  if not path.is_file():
+    return None
+  try:
+    side = json.loads(path.read_text())
+    if side["features"] != params.to_dict() or side["source"] != job.fingerprint():
+      return None
+    result = VideoResult(**side["result"])
+  except (ValueError, KeyError, TypeError, OSError):
+    return None   # a sidecar from another version: rebuild the video
+  if result.entry is not None and not shard.is_file():
+    return None
+  result.resumed = True
+  return result
+
+
+def process_video(job: VideoJob, params: audio_features.FeatureParams,
+                  out: str) -> VideoResult:
+  """Builds one video's shard and sidecar (the unit of work of the process pool)."""
+  start = time.process_time()
+  result = VideoResult(split=job.split, name=job.name)
+  try:
+    video = prepare_video(job, params)
+  except SkipVideo as e:
+    result.skipped = str(e)
+  else:
+    result.warnings = video.warnings
+    if video.frame.size == 0:
+      result.skipped = (f"{job.annotation or job.media}: no valid frame (every label is -1); "
+                        f"{job.name} left out")
+    else:
+      shard = store.shard_path(out, job.split, job.name)
+      store.write_shard(shard, (records.encode_record(r) for r in video.records()))
+      result.entry = video.entry
+      result.index = {"frame": video.frame.tolist(), "label": video.label.tolist(),
+                      "has_face": video.has_face.tolist()}
+      result.shard_bytes = shard.stat().st_size
+  result.cpu_seconds = time.process_time() - start
+  # Skipped videos get a sidecar too: a re-run does not retry unchanged bad inputs.
+  store.atomic_write_json(sidecar_path(out, job.split, job.name), {
+      "features": params.to_dict(), "source": job.fingerprint(),
+      "result": dataclasses.asdict(result)})
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which annotation files / test names become which jobs.
+
+
+@dataclasses.dataclass
+class Plan:
+  jobs: list[VideoJob]
+  skipped: list[tuple[str, str, str]]   # (split, name, reason)
+  warnings: list[str]
+
+
+def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
+              test_list: str | os.PathLike | None = None) -> Plan:
+  """Lists the jobs of the requested splits, and the annotations that cannot become one.
+
+  Raises:
+    BuildError: wrong root, a missing or empty annotation folder, no media, or no test list.
+  """
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise BuildError(f"--root {root} is not a directory.\n{affwild2.LAYOUT_HELP}")
+  try:
+    index = affwild2.index_media(root)
+  except OSError as e:
+    raise BuildError(f"{root}: cannot list media ({e})") from e
+  if not index.files:
+    raise BuildError(f"{root}: no media files in batch*/ folders "
+                     f"({', '.join(media.MEDIA_EXTENSIONS)}).\n{affwild2.LAYOUT_HELP}")
+  plan = Plan([], [], [])
+  for stem, others in sorted(index.duplicates.items()):
+    plan.warnings.append(f"{others[0]}: another media file for {stem!r}; using "
+                         f"{index.files[stem]}")
+  seen: dict[str, str] = {}
+  for split in splits:
+    if split == "test":
+      names, source = _test_names(root, test_list)
+      entries = [(n, None, f"{source}") for n in names]
+    else:
+      try:
+        files = affwild2.list_annotations(root, split)
+      except affwild2.LayoutError as e:
+        raise BuildError(str(e)) from None
+      entries = [(p.stem, str(p), str(p)) for p in files]
+    for name, annotation, where in entries:
+      if name in seen:
+        plan.skipped.append((split, name, f"{where}: {name!r} is already in split "
+                             f"{seen[name]!r}; this one is skipped"))
+        continue
+      path = index.find(name)
+      if path is None:
+        plan.skipped.append((split, name, f"{where}: no media file for {name!r} (looked for "
+                             f"{affwild2.media_stem(name)}.<ext> in batch*/); skipped"))
+        continue
+      seen[name] = split
+      plan.jobs.append(VideoJob(split=split, name=name, media=str(path),
+                                media_rel=path.relative_to(root).as_posix(),
+                                crops=str(affwild2.crops_dir(root, name)),
+                                annotation=annotation))
+  return plan
+
+
+def _test_names(root: pathlib.Path, test_list) -> tuple[list[str], str]:
+  if test_list is None:
+    found = affwild2.find_test_list(root)
+    if not found:
+      raise BuildError(f"{root}: no test list (*test*set*.txt) found; pass --test-list FILE or "
+                       f"leave test out of --splits.\n{affwild2.LAYOUT_HELP}")
+    if len(found) > 1:
+      raise BuildError(f"{root}: several test lists found ({', '.join(map(str, found))}); "
+                       "choose one with --test-list FILE")
+    test_list = found[0]
+  if not os.path.isfile(test_list):
+    raise BuildError(f"--test-list {test_list}: no such file")
+  names = affwild2.read_test_list(test_list)
+  if not names:
+    raise BuildError(f"{test_list}: the test list is empty")
+  return names, str(test_list)
+
+
+# ---------------------------------------------------------------------------------------------
+# The build.
+
+
+@dataclasses.dataclass
+class Summary:
+  """What a build did; `text` is the report printed at the end.
+
+  Attributes:
+    out: the dataset directory.
+    built, resumed: names of videos built now / finished by an earlier run.
+    skipped: (split, name, reason) of videos left out.
+    repaired: (name, warning) of repairs (no audio, length mismatch, no crops, ...).
+    num_records: per split.
+    class_counts: per split, 8 ints.
+    shard_bytes: total size of all shards.
+    decoded_frames: video frames decoded by this run (resumed videos excluded).
+    cpu_seconds: worker CPU time of this run; wall_seconds: elapsed time.
+  """
+
+  out: str
+  built: list[str] = dataclasses.field(default_factory=list)
+  resumed: list[str] = dataclasses.field(default_factory=list)
+  skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+  repaired: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  num_records: dict[str, int] = dataclasses.field(default_factory=dict)
+  class_counts: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+  shard_bytes: int = 0
+  decoded_frames: int = 0
+  cpu_seconds: float = 0.0
+  wall_seconds: float = 0.0
+
+  @property
+  def total_records(self) -> int:
+    return sum(self.num_records.values())
+
+  @property
+  def bytes_per_record(self) -> float:
+    return self.shard_bytes / max(1, self.total_records)
+
+  @property
+  def frames_per_cpu_second(self) -> float:
+    return self.decoded_frames / self.cpu_seconds if self.cpu_seconds else 0.0
+
+  def text(self) -> str:
+    lines = [f"Built {self.out}: {len(self.built)} videos now, {len(self.resumed)} finished "
+             f"earlier, {len(self.skipped)} skipped."]
+    for split, n in self.num_records.items():
+      lines.append(f"  {split}: {n} records, per class {self.class_counts[split]}")
+    lines.append(f"  {self.shard_bytes / 1e6:.1f} MB of shards, "
+                 f"{self.bytes_per_record:.0f} bytes/record")
+    if self.decoded_frames:
+      lines.append(f"  {self.decoded_frames} frames in {self.wall_seconds:.1f} s wall, "
+                   f"{self.frames_per_cpu_second:.0f} frames/s per core")
+    if self.skipped:
+      lines.append(f"Skipped ({len(self.skipped)}):")
+      lines += [f"  {split}/{name}: {why}" for split, name, why in self.skipped]
+    if self.repaired:
+      lines.append(f"Repaired ({len(self.repaired)}):")
+      lines += [f"  {name}: {why}" for name, why in self.repaired]
+    return "\n".join(lines)
+
+
+def _run_jobs(jobs, params, out, workers, on_result):
+  if workers <= 1 or len(jobs) <= 1:
+    for job in jobs:
+      on_result(process_video(job, params, str(out)))
+    return
+  # spawn: the caller may have started JAX or Grain threads, which fork would copy broken.
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    futures = [pool.submit(process_video, job, params, str(out)) for job in jobs]
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        on_result(future.result())
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
+
+
+def build(root: str | os.PathLike, out: str | os.PathLike,
+          splits: Sequence[str] = store.SPLITS, workers: int = 1,
+          params: audio_features.FeatureParams | None = None,
+          test_list: str | os.PathLike | None = None,
+          log: Callable[[str], None] | None = print) -> Summary:
+  """Builds (or finishes) the prepared dataset in ``out`` from the raw layout in ``root``.
+
+  Args:
+    root: Aff-Wild2 root (batch*/, cropped_aligned/, annotations/, test list).
+    out: dataset directory to write.
+    splits: splits to build, any of "train", "validation", "test".
+    workers: worker processes (videos are the unit of work).
+    params: log-mel parameters (defaults: `audio_features.FeatureParams()`).
+    test_list: test names file; default: the one ``*test*set*.txt`` under root.
+    log: prints progress and warnings (None: silent).
+
+  Returns:
+    The `Summary` (also printed through ``log``).
+
+  Raises:
+    BuildError: wrong root or layout, unknown split, or no usable video at all.
+  """
+  say = log or (lambda _: None)
+  params = params or audio_features.FeatureParams()
+  splits = list(dict.fromkeys(splits))
+  unknown = [s for s in splits if s not in store.SPLITS]
+  if unknown or not splits:
+    raise BuildError(f"unknown split(s) {unknown}; choose from {','.join(store.SPLITS)}")
+  out = pathlib.Path(out)
+  start = time.time()
+  plan = plan_jobs(root, splits, test_list)
+  for w in plan.warnings:
+    say(f"warning: {w}")
+  for _, _, why in plan.skipped:
+    say(f"warning: {why}")
+  summary = Summary(out=str(out), skipped=list(plan.skipped))
+  results: dict[tuple[str, str], VideoResult] = {}
+  todo = []
+  for job in plan.jobs:
+    done = load_sidecar(out, job, params)
+    if done is None:
+      todo.append(job)
+    else:
+      results[(job.split, job.name)] = done
+  if todo:
+    # The dataset is about to change: it must stop looking complete until the end.
+    for path in [out / store.METADATA] + [out / f"{s}.index.npz" for s in store.SPLITS]:
+      path.unlink(missing_ok=True)
+  say(f"Preparing {len(plan.jobs)} videos from {root} into {out} "
+      f"({len(plan.jobs) - len(todo)} already finished, {workers} worker(s))")
+
+  def on_result(result: VideoResult) -> None:
+    results[(result.split, result.name)] = result
+    summary.cpu_seconds += result.cpu_seconds
+    if result.entry is not None:
+      summary.decoded_frames += result.entry["num_frames"]
+    status = (f"skipped" if result.skipped else
+              f"{result.entry['num_records']} records" +
+              (f" ({', '.join(result.entry['flags'])})" if result.entry["flags"] else ""))
+    say(f"[{len(results)}/{len(plan.jobs)}] {result.split}/{result.name}: {status}")
+    for w in result.warnings:
+      say(f"warning: {w}")
+    if result.skipped:
+      say(f"error: {result.skipped}")
+
+  _run_jobs(todo, params, out, workers, on_result)
+
+  meta = {"schema_version": records.SCHEMA_VERSION,
+          "features": {**params.to_dict(), "face_size": FACE_SIZE},
+          "splits": {}, "videos": {}}
+  for split in splits:
+    names, index = [], {"frame": [], "label": [], "has_face": [], "video_id": []}
+    for job in (j for j in plan.jobs if j.split == split):
+      result = results[(split, job.name)]
+      (summary.resumed if result.resumed else summary.built).append(job.name)
+      summary.repaired += [(job.name, w) for w in result.warnings]
+      if result.skipped:
+        summary.skipped.append((split, job.name, result.skipped))
+        continue
+      summary.shard_bytes += result.shard_bytes
+      for key in ("frame", "label", "has_face"):
+        index[key].append(np.asarray(result.index[key]))
+      index["video_id"].append(np.full(len(result.index["frame"]), len(names), np.int32))
+      names.append(job.name)
+      meta["videos"][job.name] = result.entry
+    arrays = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in index.items()}
+    label = arrays["label"].astype(np.int32)
+    store.write_split_index(out, split, **arrays)
+    counts = np.bincount(label[label >= 0], minlength=store.NUM_CLASSES).tolist()
+    meta["splits"][split] = {"videos": names, "num_records": int(label.size),
+                             "class_counts": counts}
+    summary.num_records[split] = int(label.size)
+    summary.class_counts[split] = counts
+  if not meta["videos"]:
+    raise BuildError(f"no usable video in {root} for splits {','.join(splits)}; see the "
+                     "errors above. Nothing was written.")
+  store.atomic_write_json(out / store.METADATA, meta)
+  summary.wall_seconds = time.time() - start
+  say(summary.text())
+  return summary
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  defaults = audio_features.FeatureParams()
+  p = argparse.ArgumentParser(
+      prog="python -m data_prep.build",
+      description="Build the prepared dataset (ArrayRecord shards, index, metadata.json) "
+                  "from the raw Aff-Wild2 Expression layout. See data_prep/README.md.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--root", required=True, help="Aff-Wild2 root (batch*/, cropped_aligned/, "
+                 "annotations/, test list)")
+  p.add_argument("--out", required=True, help="dataset directory to write")
+  p.add_argument("--splits", default=",".join(store.SPLITS), help="comma-separated splits")
+  p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                 help="worker processes")
+  p.add_argument("--test-list", default=None,
+                 help="test names file (default: the *test*set*.txt under --root)")
+  p.add_argument("--sample-rate", type=int, default=defaults.sample_rate)
+  p.add_argument("--n-fft", type=int, default=defaults.n_fft)
+  p.add_argument("--hop-length", type=int, default=defaults.hop_length)
+  p.add_argument("--n-mels", type=int, default=defaults.n_mels)
+  p.add_argument("--fmin", type=float, default=defaults.fmin)
+  p.add_argument("--fmax", type=float, default=defaults.fmax)
+  p.add_argument("--window-seconds", type=float, default=defaults.window_seconds)
+  p.add_argument("--top-db", type=float, default=defaults.top_db)
+  p.add_argument("--quiet", action="store_true", help="print only warnings and the summary")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    params = audio_features.FeatureParams(
+        sample_rate=args.sample_rate, n_fft=args.n_fft, hop_length=args.hop_length,
+        n_mels=args.n_mels, fmin=args.fmin, fmax=args.fmax,
+        window_seconds=args.window_seconds, top_db=args.top_db)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.quiet:
+    log = lambda m: print(m) if not m.startswith("[") else None   # noqa: E731
+  else:
+    log = print
+  try:
+    build(args.root, args.out, splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+          workers=args.workers, params=params, test_list=args.test_list, log=log)
+  except BuildError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("interrupted; re-run the same command to finish (finished videos are kept)",
+          file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
