@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "scikit-learn~=1.9.0",
     "tensorboardX~=2.6",
     "matplotlib~=3.11",
+    # tensorflow-datasets' builder code path needs it (etils imports it lazily, no TF).
+    "importlib_resources>=6",
 ]
 
 EXTRAS_REQUIRE = {
