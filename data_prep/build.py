@@ -415,6 +415,17 @@ def _run_jobs(jobs, params, out, workers, on_result):
       raise
 
 
+def _remove_stale_temporaries(out: pathlib.Path) -> None:
+  """Deletes temporary files (``.<name>.<pid>.tmp``) a killed run left behind.
+
+  One build per output directory at a time: a concurrent build's temporaries would go too.
+  """
+  for d in [out] + [out / s for s in store.SPLITS]:
+    if d.is_dir():
+      for p in d.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def build(root: str | os.PathLike, out: str | os.PathLike,
           splits: Sequence[str] = store.SPLITS, workers: int = 1,
           params: audio_features.FeatureParams | None = None,
@@ -459,6 +470,7 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
       todo.append(job)
     else:
       results[(job.split, job.name)] = done
+  _remove_stale_temporaries(out)
   if todo:
     # The dataset is about to change: it must stop looking complete until the end.
     for path in [out / store.METADATA] + [out / f"{s}.index.npz" for s in store.SPLITS]:
