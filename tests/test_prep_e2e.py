@@ -106,3 +106,17 @@ def test_reads_back_through_the_eval_pipeline(dataset):
   np.testing.assert_array_equal(labels, index.label)
   assert batches[0]["mel"].shape[1:] == (64, 100) and batches[0]["face"].shape[1:] == (112, 112, 3)
   assert summary.bytes_per_record <= 16 * 1024
+
+
+def test_ensure_demo_dataset_builds_once_then_reuses(dataset, tmp_path):
+  from data_prep import api   # pylint: disable=g-import-not-at-top
+  raw, out, _ = dataset
+  logs = []
+  api.ensure_demo_dataset(raw, out, num_videos=5, seed=3, workers=1, seconds=(2.0, 3.0),
+                          log=logs.append)
+  assert any("up to date" in m for m in logs)   # complete raw set + valid metadata: no work
+  (out / store.METADATA).unlink()
+  logs.clear()
+  api.ensure_demo_dataset(raw, out, num_videos=5, seed=3, workers=1, seconds=(2.0, 3.0),
+                          log=logs.append)
+  assert any("records" in m for m in logs) and store.load_metadata(out)

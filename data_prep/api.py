@@ -1,0 +1,70 @@
+"""One call for the demo: make the synthetic raw set if needed, then build it if needed.
+
+    from data_prep import api
+    api.ensure_demo_dataset("data/synth_raw", "data/synth")   # then train on data/synth
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Callable
+
+from data_prep import build
+from mfer_jax.data import store
+
+
+def ensure_demo_dataset(raw_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                        num_videos: int = 16, seed: int = 0, workers: int = 2,
+                        seconds: tuple[float, float] | None = None,
+                        log: Callable[[str], None] | None = print) -> pathlib.Path:
+  """Makes sure ``data_dir`` holds a prepared synthetic dataset, doing only missing work.
+
+  1. ``data_prep.synth.generate`` completes the raw set in ``raw_dir`` (it skips the videos it
+     already finished, so this is cheap when the set is complete).
+  2. If any raw video was (re)generated, or ``data_dir`` has no readable metadata.json, the
+     builder runs (it too skips videos finished by an earlier run).
+
+  Args:
+    raw_dir: synthetic raw Aff-Wild2 layout (created if missing).
+    data_dir: prepared dataset directory.
+    num_videos, seed: of the synthetic set.
+    workers: processes for generation and for the build.
+    seconds: (min, max) video length of the synthetic set; None: the generator's default.
+    log: prints progress lines (None: silent).
+
+  Returns:
+    ``data_dir`` as a path.
+
+  Raises:
+    build.BuildError: if the build finds nothing usable (it should not, on the synthetic set).
+  """
+  say = log or (lambda _: None)
+  # Imported here: the generator pulls in its drawing and face-detection code, which readers
+  # of an existing dataset never need.
+  from data_prep import synth  # pylint: disable=g-import-not-at-top
+
+  raw_dir, data_dir = pathlib.Path(raw_dir), pathlib.Path(data_dir)
+  say(f"Synthetic Aff-Wild2 set in {raw_dir} ({num_videos} videos, seed {seed})...")
+  extra = {} if seconds is None else {"seconds": tuple(seconds)}
+  made = synth.generate(raw_dir, num_videos=num_videos, seed=seed, workers=workers, **extra)
+  generated = made.get("generated", [])
+  say(f"  {len(generated)} videos generated, {len(made.get('skipped', []))} already there")
+  try:
+    store.load_metadata(data_dir)
+    ready = not generated
+  except (store.DatasetError, ValueError, OSError):
+    ready = False
+  if ready:
+    say(f"Prepared dataset {data_dir} is up to date.")
+    return data_dir
+  say(f"Preparing {data_dir} (shards, index, metadata)...")
+  summary = build.build(raw_dir, data_dir, splits=store.SPLITS, workers=workers,
+                        log=lambda m: None)
+  say(f"  {summary.total_records} records "
+      + ", ".join(f"{s} {n}" for s, n in summary.num_records.items())
+      + f"; {summary.bytes_per_record:.0f} bytes/record; {summary.wall_seconds:.0f} s")
+  if summary.skipped or summary.repaired:
+    say(f"  {len(summary.skipped)} skipped, {len(summary.repaired)} repaired "
+        "(the synthetic set has length mismatches on purpose)")
+  return data_dir
