@@ -13,7 +13,6 @@ import pathlib
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
@@ -70,6 +69,3 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-
-def is_primary() -> bool:
-  return jax.process_index() == 0
