@@ -73,7 +73,7 @@ class VideoJob:
 
 @dataclasses.dataclass
 class PreparedVideo:
-  """Everything about one video except the record bytes, which `records` yields lazily.
+  """Everything about one video except the record bytes, which `frame_records` yields lazily.
 
   Attributes:
     job: the job.
@@ -89,9 +89,8 @@ class PreparedVideo:
   has_face: np.ndarray
   warnings: list[str]
   _windows: audio_features.FrameWindows
-  _crops: set[int]
 
-  def records(self) -> Iterator[records.FrameRecord]:
+  def frame_records(self) -> Iterator[records.FrameRecord]:
     """The video's records, in frame order (reads the crop files as it goes)."""
     for frame, label, has_face in zip(self.frame.tolist(), self.label.tolist(),
                                       self.has_face.tolist()):
@@ -171,7 +170,7 @@ def prepare_video(job: VideoJob, params: audio_features.FeatureParams) -> Prepar
       "audio_channels": info.channels, "media": job.media_rel, "flags": flags,
       "num_records": int(frame.size), "num_faces": int(has_face.sum())})
   return PreparedVideo(job=job, entry=entry, frame=frame, label=label, has_face=has_face,
-                       warnings=warnings, _windows=windows, _crops=crops)
+                       warnings=warnings, _windows=windows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +242,7 @@ def process_video(job: VideoJob, params: audio_features.FeatureParams,
                         f"{job.name} left out")
     else:
       shard = store.shard_path(out, job.split, job.name)
-      store.write_shard(shard, (records.encode_record(r) for r in video.records()))
+      store.write_shard(shard, (records.encode_record(r) for r in video.frame_records()))
       result.entry = video.entry
       result.index = {"frame": video.frame.tolist(), "label": video.label.tolist(),
                       "has_face": video.has_face.tolist()}
@@ -483,7 +482,7 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
     summary.cpu_seconds += result.cpu_seconds
     if result.entry is not None:
       summary.decoded_frames += result.entry["num_frames"]
-    status = (f"skipped" if result.skipped else
+    status = ("skipped" if result.skipped else
               f"{result.entry['num_records']} records" +
               (f" ({', '.join(result.entry['flags'])})" if result.entry["flags"] else ""))
     say(f"[{len(results)}/{len(plan.jobs)}] {result.split}/{result.name}: {status}")

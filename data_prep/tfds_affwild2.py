@@ -134,7 +134,7 @@ class AffWild2Expr(tfds.core.GeneratorBasedBuilder):
       for w in video.warnings:
         logging.warning("%s", w)
       self.info.metadata["videos"][job.name] = video.entry
-      for rec in video.records():
+      for rec in video.frame_records():
         yield f"{job.name}/{rec.frame:06d}", {
             "record": records.encode_record(rec), "video": job.name, "frame": rec.frame,
             "label": rec.label, "has_face": rec.has_face}

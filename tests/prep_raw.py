@@ -7,7 +7,6 @@ the official layout, with knobs for each kind of bad input the builder must hand
 from __future__ import annotations
 
 import fractions
-import os
 import pathlib
 from typing import Sequence
 
