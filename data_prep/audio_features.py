@@ -53,6 +53,11 @@ class FeatureParams:
   top_db: float = 80.0
 
   def __post_init__(self):
+    for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "window_seconds", "top_db"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if not 0 <= self.fmin < self.fmax:
+      raise ValueError(f"need 0 <= fmin < fmax, got fmin={self.fmin} fmax={self.fmax}")
     if self.window_frames < 1:
       raise ValueError(f"window_seconds={self.window_seconds} gives no mel column")
     if self.fmax > self.sample_rate / 2:

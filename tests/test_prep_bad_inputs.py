@@ -158,3 +158,10 @@ def test_help_exits_cleanly(capsys):
   with pytest.raises(SystemExit) as e:
     build.main(["--help"])
   assert e.value.code == 0 and "--root" in capsys.readouterr().out
+
+
+def test_bad_option_value_is_a_usage_error(tmp_path, capsys):
+  assert build.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"),
+                     "--hop-length", "0"]) == 2
+  err = capsys.readouterr().err
+  assert "hop_length must be positive" in err and "Traceback" not in err

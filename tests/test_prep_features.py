@@ -19,6 +19,8 @@ def test_defaults_and_metadata_round_trip():
   assert audio_features.FeatureParams.from_dict({**d, "face_size": 112}) == P
   with pytest.raises(ValueError):
     audio_features.FeatureParams(fmax=9000)   # above Nyquist at 16 kHz
+  with pytest.raises(ValueError, match="hop_length"):
+    audio_features.FeatureParams(hop_length=0)
 
 
 def test_log_mel_matches_librosa_reference():
