@@ -1,6 +1,7 @@
 """Training: steps, sharding parity, NaN guard, metrics vs scikit-learn, and the loop's errors."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import portpicker
 import pytest
 from flax import nnx
 from sklearn.metrics import f1_score
@@ -217,11 +219,19 @@ def _final_params(workdir, step):
   return restored.state["params"]
 
 
-def test_resume_after_sigkill_is_bitwise_identical(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+  """One uninterrupted 12-step main.py run on 8 devices, shared by the resume and multi-host
+  tests (each main.py run costs compiles, so it runs once)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  _main(f"--config={TINY}:{data_dir}", f"--workdir={workdir}")
+  return workdir
+
+
+def test_resume_after_sigkill_is_bitwise_identical(data_dir, reference_run, tmp_path):
   """Kill -9 right after the first checkpoint, rerun: same losses and same final params."""
   args = [f"--config={TINY}:{data_dir}"]
-  ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
-  _main(*args, f"--workdir={ref_dir}")
+  run_dir = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args,
                            f"--workdir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
@@ -235,7 +245,32 @@ def test_resume_after_sigkill_is_bitwise_identical(data_dir, tmp_path):
   killed_at = max(s for s, _ in _losses(run_dir))
   assert killed_at < 12, "the run finished before it could be killed"
   _main(*args, f"--workdir={run_dir}")
-  assert _losses(run_dir) == _losses(ref_dir)
-  ref, got = _final_params(ref_dir, 12), _final_params(run_dir, 12)
+  assert _losses(run_dir) == _losses(reference_run)
+  ref, got = _final_params(reference_run, 12), _final_params(run_dir, 12)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_two_processes_match_one(data_dir, reference_run, tmp_path):
+  """jax.distributed over two processes on 127.0.0.1 (gloo), 4 CPU devices each: the same
+  8-device mesh and global batches as the single-process run, so the same losses up to the
+  summation order of cross-process all-reduces."""
+  port = portpicker.pick_unused_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  workdir = tmp_path / "two_hosts"
+  procs = [subprocess.Popen(
+      [sys.executable, str(ROOT / "main.py"), f"--config={TINY}:{data_dir}",
+       f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  got, ref = _losses(workdir), _losses(reference_run)
+  assert [s for s, _ in got] == [s for s, _ in ref]
+  np.testing.assert_allclose([l for _, l in got], [l for _, l in ref], rtol=2e-5)
+  evals, ref_evals = evaluation.read_evals(workdir), evaluation.read_evals(reference_run)
+  assert [e["step"] for e in evals] == [e["step"] for e in ref_evals]
+  # Each frame is evaluated exactly once across the two hosts.
+  assert evals[-1]["num_examples"] == ref_evals[-1]["num_examples"]
