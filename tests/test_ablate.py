@@ -1,0 +1,232 @@
+"""Ablation runner: a real 2-variant sweep, resume without rerunning, table = eval JSONs, claims."""
+
+import csv
+import math
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+import fake_data
+from mfer_jax import ablate, evaluation
+from mfer_jax.data.store import atomic_write_json
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SWEEP_CONFIG = ROOT / "tests" / "configs" / "tiny_sweep.py"
+FUSIONS = ("visual_only", "audio_only")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+  """A finished sweep: 2 fusions x dynamic x seed 0, one epoch (6 steps) of the tiny config."""
+  data = tmp_path_factory.mktemp("ablate_data")
+  fake_data.make_fake_dataset(data, splits={"train": 4, "validation": 2}, frames_per_video=60,
+                              mel_shape=(16, 32), face_size=32, seed=0)
+  workdir = tmp_path_factory.mktemp("sweep")
+  kwargs = dict(config=str(SWEEP_CONFIG), workdir=workdir, fusions=FUSIONS,
+                samplings=("dynamic",), seeds=(0,),
+                # checkpoint_every_steps=4 (tiny) leaves a step-4 checkpoint to resume from.
+                overrides=(f"data.data_dir={data}", "train.num_epochs=1"), say=lambda m: None)
+  statuses = ablate.run_sweep(**kwargs)
+  return workdir, kwargs, statuses
+
+
+def _final_eval(run_dir):
+  return evaluation.read_evals(run_dir)[-1]
+
+
+def _mtimes(directory):
+  return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+def test_sweep_finishes_every_run_and_the_table_matches_the_evals(sweep):
+  workdir, _, statuses = sweep
+  assert [(s.variant.name, s.status) for s in statuses] == [
+      (f"{f}-dynamic-seed0", "ran") for f in FUSIONS], [s.detail for s in statuses]
+  rows = ablate.summarize_sweep(workdir)
+  assert [(r["fusion"], r["sampling"], r["n_seeds"]) for r in rows] == [
+      (f, "dynamic", 1) for f in FUSIONS]
+  with open(workdir / "ablation.csv") as f:
+    csv_rows = list(csv.DictReader(f))
+  md = (workdir / "ablation.md").read_text()
+  for row, csv_row in zip(rows, csv_rows):
+    final = _final_eval(workdir / f"{row['fusion']}-dynamic-seed0")
+    assert final["step"] == 6
+    assert row["macro_f1_mean"] == final["macro_f1"]
+    assert row["accuracy_mean"] == final["accuracy"]
+    assert math.isnan(row["macro_f1_std"])
+    assert float(csv_row["macro_f1_mean"]) == final["macro_f1"]
+    assert float(csv_row["accuracy_mean"]) == final["accuracy"]
+    assert csv_row["macro_f1_std"] == ""
+    assert f"| {row['fusion']} | dynamic | {final['macro_f1']:.4f} | 1 |" in md
+  # No fused variant and no natural sampling in this sweep: neither claim can be judged.
+  assert md.count(": not testable.") == 2
+
+
+def test_second_invocation_reruns_nothing(sweep):
+  workdir, kwargs, _ = sweep
+  before = _mtimes(workdir / f"{FUSIONS[0]}-dynamic-seed0")
+  before.update(_mtimes(workdir / f"{FUSIONS[1]}-dynamic-seed0"))
+  t0 = time.monotonic()
+  statuses = ablate.run_sweep(**kwargs)
+  elapsed = time.monotonic() - t0
+  assert [s.status for s in statuses] == ["finished", "finished"]
+  assert elapsed < 15, f"a sweep with nothing to do took {elapsed:.1f} s"
+  after = _mtimes(workdir / f"{FUSIONS[0]}-dynamic-seed0")
+  after.update(_mtimes(workdir / f"{FUSIONS[1]}-dynamic-seed0"))
+  assert after == before
+  log = (workdir / "ablate.log").read_text().splitlines()
+  assert [l.split()[2] for l in log[-2:]] == ["skip", "skip"]
+
+
+def test_dry_run_cli_lists_finished_runs(sweep):
+  workdir, kwargs, _ = sweep
+  proc = subprocess.run(
+      [sys.executable, "-m", "mfer_jax.ablate", f"--config={SWEEP_CONFIG}",
+       f"--workdir={workdir}", f"--sweep={','.join(FUSIONS)},concat", "--sampling=dynamic",
+       *[f"--override={o}" for o in kwargs["overrides"]], "--dry_run"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert lines[0].split()[:2] == ["finished", "visual_only-dynamic-seed0"]
+  assert lines[1].split()[:2] == ["finished", "audio_only-dynamic-seed0"]
+  assert lines[2].split()[:2] == ["pending", "concat-dynamic-seed0"]
+  assert "2 of 3 runs finished" in proc.stdout
+  assert not (workdir / "concat-dynamic-seed0").exists()
+
+
+def test_unfinished_run_resumes_from_its_own_checkpoint(sweep):
+  """A run killed after its step-4 checkpoint (no marker, no final eval) is resumed alone."""
+  workdir, kwargs, _ = sweep
+  done, cut = workdir / f"{FUSIONS[0]}-dynamic-seed0", workdir / f"{FUSIONS[1]}-dynamic-seed0"
+  untouched = _mtimes(done)
+  (cut / ablate.MARKER).unlink()
+  (cut / "eval" / "6.json").unlink()
+  shutil.rmtree(cut / "checkpoints" / "6")
+  assert ablate.run_sweep(**{**kwargs, "dry_run": True})[1].status == "partial"
+  statuses = ablate.run_sweep(**kwargs)
+  assert [s.status for s in statuses] == ["finished", "ran"]
+  assert _mtimes(done) == untouched
+  assert "Resuming from" in (cut / "train.log").read_text().split("\n=== ")[-1]
+  final = _final_eval(cut)
+  assert final["step"] == 6 and (cut / ablate.MARKER).exists()
+  rows = {r["fusion"]: r for r in ablate.summarize_sweep(workdir)}
+  assert rows[FUSIONS[1]]["macro_f1_mean"] == final["macro_f1"]
+
+
+def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
+  """Cheap stand-in interpreters: one crashes, one exits 0 without finishing (like SIGTERM)."""
+  crash, early = tmp_path / "crash.sh", tmp_path / "early.sh"
+  crash.write_text("#!/bin/sh\necho 'boom: out of memory' >&2\nexit 3\n")
+  early.write_text("#!/bin/sh\nexit 0\n")
+  for script in (crash, early):
+    script.chmod(0o755)
+  for python, why in ((crash, "exit code 3"), (early, "without reaching its last step")):
+    out = tmp_path / python.stem
+    statuses = ablate.run_sweep(str(SWEEP_CONFIG), out, fusions=FUSIONS, samplings=("natural",),
+                                overrides=("data.data_dir=/nowhere",), python=str(python),
+                                say=lambda m: None)
+    assert [s.status for s in statuses] == ["failed", "failed"]
+    assert all(why in s.detail for s in statuses), [s.detail for s in statuses]
+    assert not list(out.glob("*/" + ablate.MARKER))
+    assert ablate.summarize_sweep(out) == []
+  assert "boom: out of memory" in (tmp_path / "crash" / "ablate.log").read_text()
+
+
+def test_config_that_ignores_the_variant_is_refused(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "mfer_jax.ablate", f"--config={ROOT / 'tests/configs/tiny.py'}",
+       f"--workdir={tmp_path}", "--sweep=concat", "--dry_run"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "ignores its variant argument" in proc.stderr and "Traceback" not in proc.stderr
+  with pytest.raises(ablate.AblationError, match="the sweep sets"):
+    ablate.run_sweep(f"{SWEEP_CONFIG}:fusion=mfm", tmp_path, fusions=("concat",), dry_run=True)
+
+
+# --- Tables and claims on hand-made runs (no training) -----------------------------------------
+
+
+def _fake_sweep(workdir, table):
+  """Finished-looking runs: {(fusion, sampling): [macro-F1 per seed]}."""
+  for (fusion, sampling), values in table.items():
+    for seed, f1 in enumerate(values):
+      run = workdir / f"{fusion}-{sampling}-seed{seed}"
+      evaluation.write_eval(run, 3, {"macro_f1": f1 - 0.1, "accuracy": 0.0})
+      evaluation.write_eval(run, 7, {"macro_f1": f1, "accuracy": f1 / 2})
+      atomic_write_json(run / ablate.MARKER, {"final_step": 7, "macro_f1": f1})
+
+
+def _rows(table):
+  return [{"fusion": f, "sampling": s, "n_seeds": len(v), "macro_f1_mean": statistics.fmean(v),
+           "macro_f1_std": statistics.stdev(v) if len(v) > 1 else math.nan}
+          for (f, s), v in table.items()]
+
+
+def test_table_statistics_over_seeds(tmp_path):
+  _fake_sweep(tmp_path, {("mfm", "dynamic"): [0.5, 0.4, 0.45], ("concat", "dynamic"): [0.3]})
+  ablate.write_tables(tmp_path)
+  rows = ablate.summarize_sweep(tmp_path)
+  assert [r["fusion"] for r in rows] == ["concat", "mfm"]      # table order, not name order
+  mfm = rows[1]
+  assert mfm["macro_f1"] == [0.5, 0.4, 0.45] and mfm["seeds"] == [0, 1, 2]
+  assert mfm["macro_f1_mean"] == statistics.fmean([0.5, 0.4, 0.45])
+  assert mfm["macro_f1_std"] == statistics.stdev([0.5, 0.4, 0.45])
+  assert (mfm["macro_f1_min"], mfm["macro_f1_max"]) == (0.4, 0.5)
+  with open(tmp_path / "ablation.csv") as f:
+    csv_mfm = list(csv.DictReader(f))[1]
+  assert float(csv_mfm["macro_f1_std"]) == mfm["macro_f1_std"]
+  assert csv_mfm["macro_f1_per_seed"].split() == ["0.5", "0.4", "0.45"]
+  md = (tmp_path / "ablation.md").read_text()
+  assert f"| mfm | dynamic | {mfm['macro_f1_mean']:.4f} ± {mfm['macro_f1_std']:.4f} | 3 |" in md
+
+
+SUPPORTED = {("visual_only", "dynamic"): [0.40], ("audio_only", "dynamic"): [0.30],
+             ("mfm", "dynamic"): [0.50], ("visual_only", "natural"): [0.35],
+             ("audio_only", "natural"): [0.25], ("mfm", "natural"): [0.45]}
+
+
+def test_claims_supported():
+  fusion, resampling = ablate.assess_claims(_rows(SUPPORTED))
+  assert fusion.verdict == resampling.verdict == "supported"
+  assert any("best fusion `mfm` 0.5000" in d and "margin +0.1000" in d for d in fusion.details)
+  assert resampling.details[0] == "dynamic is higher for 3 of 3 fusion variants"
+  assert all("single seed" in d for d in fusion.details)
+
+
+def test_claims_not_supported():
+  table = {**SUPPORTED, ("mfm", "dynamic"): [0.38], ("mfm", "natural"): [0.40],
+           ("visual_only", "natural"): [0.45], ("audio_only", "natural"): [0.35]}
+  fusion, resampling = ablate.assess_claims(_rows(table))
+  assert fusion.verdict == "not supported"
+  assert any("not above both (margin -0.0200)" in d for d in fusion.details)
+  assert resampling.verdict == "not supported"
+  assert resampling.details[0] == "dynamic is higher for 0 of 3 fusion variants"
+
+
+def test_claims_partly_supported_and_spread_warning():
+  table = {**SUPPORTED, ("mfm", "natural"): [0.30, 0.32, 0.10],
+           ("mfm", "dynamic"): [0.50, 0.52, 0.48]}
+  fusion, resampling = ablate.assess_claims(_rows(table))
+  assert fusion.verdict == "partly supported"          # natural: mfm 0.24 < visual 0.35
+  assert resampling.verdict == "supported"
+  mfm_line = next(d for d in resampling.details if d.startswith("`mfm`"))
+  assert "single seed" not in mfm_line
+  noisy = ablate.assess_claims(_rows({("mfm", "dynamic"): [0.50, 0.30],
+                                      ("mfm", "natural"): [0.40, 0.38]}))[1]
+  assert noisy.verdict == "supported" and "not conclusive" in noisy.details[1]
+
+
+def test_claims_not_testable_and_in_the_markdown(tmp_path):
+  fusion, resampling = ablate.assess_claims(_rows({("mfm", "dynamic"): [0.5]}))
+  assert fusion.verdict == resampling.verdict == "not testable"
+  _fake_sweep(tmp_path, {**SUPPORTED, ("mfm", "natural"): [0.60]})
+  md = ablate.write_tables(tmp_path)[0].read_text()
+  assert "1. **The best fusion variant beats each single modality**: supported." in md
+  assert ("2. **Dynamic resampling raises macro-F1 over natural sampling**: partly supported."
+          in md)
+  assert "`mfm`: dynamic 0.5000 vs natural 0.6000 (-0.1000)" in md
