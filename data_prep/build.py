@@ -108,8 +108,35 @@ class SkipVideo(Exception):
   """This video is left out; the message (naming the file and line) says why."""
 
 
-def prepare_video(job: VideoJob, params: audio_features.FeatureParams) -> PreparedVideo:
+def _decode_media(path: str, params: audio_features.FeatureParams):
+  """(MediaInfo, whole-track uint8 mel, flags, warnings) of a media file, or a SkipVideo."""
+  try:
+    info = media.probe(path)
+  except media.MediaError as e:
+    return SkipVideo(str(e))
+  flags, warnings = [], []
+  audio = np.zeros(0, np.float32)
+  if not info.has_audio:
+    flags.append("no_audio")
+    warnings.append(f"{path}: no audio track")
+  else:
+    try:
+      audio, _ = audio_features.load_audio(path, params, info.start_time)
+    except media.MediaError as e:
+      flags.append("audio_error")
+      warnings.append(str(e))
+  return info, audio_features.compute_log_mel(audio, params), flags, warnings
+
+
+def prepare_video(job: VideoJob, params: audio_features.FeatureParams,
+                  media_cache: dict | None = None) -> PreparedVideo:
   """Reads one video's labels, frames count, audio and crops, applying the bad-input policies.
+
+  Args:
+    job: the annotation file (or test name) and its media.
+    params: log-mel parameters.
+    media_cache: a dict shared by consecutive calls: a ``_left``/``_right`` pair then decodes
+      its media and computes its mel once.
 
   Raises:
     SkipVideo: bad annotation (wrong header, non-integer or out-of-range label) or corrupt /
@@ -122,22 +149,16 @@ def prepare_video(job: VideoJob, params: audio_features.FeatureParams) -> Prepar
       labels = affwild2.parse_annotation(job.annotation)
     except affwild2.AnnotationError as e:
       raise SkipVideo(f"{e} (file skipped)") from None
-  try:
-    info = media.probe(job.media)
-  except media.MediaError as e:
-    raise SkipVideo(f"{e} (corrupt media, {job.name} skipped)") from None
+  decoded = (media_cache or {}).get(job.media) or _decode_media(job.media, params)
+  if media_cache is not None:
+    media_cache.clear()   # keep one media: the jobs sharing it are adjacent
+    media_cache[job.media] = decoded
+  if isinstance(decoded, SkipVideo):
+    raise SkipVideo(f"{decoded} (corrupt media, {job.name} skipped)")
+  info, mel, media_flags, media_warnings = decoded
+  flags += media_flags
+  warnings += [f"{w}; {job.name} gets silent audio windows" for w in media_warnings]
   n = info.num_frames
-  audio = np.zeros(0, np.float32)
-  if not info.has_audio:
-    flags.append("no_audio")
-    warnings.append(f"{job.media}: no audio track; {job.name} gets silent audio windows")
-  else:
-    try:
-      audio, _ = audio_features.load_audio(job.media, params, info.start_time)
-    except media.MediaError as e:
-      flags.append("audio_error")
-      warnings.append(f"{e}; {job.name} gets silent audio windows")
-  mel = audio_features.compute_log_mel(audio, params)
   windows = audio_features.frame_windows(mel, info.fps, n, params)
 
   entry: dict[str, Any] = {}
@@ -226,13 +247,13 @@ def load_sidecar(out, job: VideoJob, params) -> VideoResult | None:
   return result
 
 
-def process_video(job: VideoJob, params: audio_features.FeatureParams,
-                  out: str) -> VideoResult:
-  """Builds one video's shard and sidecar (the unit of work of the process pool)."""
+def process_video(job: VideoJob, params: audio_features.FeatureParams, out: str,
+                  media_cache: dict | None = None) -> VideoResult:
+  """Builds one video's shard and sidecar."""
   start = time.process_time()
   result = VideoResult(split=job.split, name=job.name)
   try:
-    video = prepare_video(job, params)
+    video = prepare_video(job, params, media_cache)
   except SkipVideo as e:
     result.skipped = str(e)
   else:
@@ -397,18 +418,31 @@ class Summary:
     return "\n".join(lines)
 
 
+def process_media(jobs: Sequence[VideoJob], params: audio_features.FeatureParams,
+                  out: str) -> list[VideoResult]:
+  """Builds the videos of one media file (the unit of work of the pool): decoded once."""
+  cache: dict = {}
+  return [process_video(job, params, out, cache) for job in jobs]
+
+
 def _run_jobs(jobs, params, out, workers, on_result):
-  if workers <= 1 or len(jobs) <= 1:
-    for job in jobs:
-      on_result(process_video(job, params, str(out)))
+  groups: dict[str, list[VideoJob]] = {}
+  for job in jobs:
+    groups.setdefault(job.media, []).append(job)
+  if workers <= 1 or len(groups) <= 1:
+    for group in groups.values():
+      for result in process_media(group, params, str(out)):
+        on_result(result)
     return
   # spawn: the caller may have started JAX or Grain threads, which fork would copy broken.
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-    futures = [pool.submit(process_video, job, params, str(out)) for job in jobs]
+    futures = [pool.submit(process_media, group, params, str(out))
+               for group in groups.values()]
     try:
       for future in concurrent.futures.as_completed(futures):
-        on_result(future.result())
+        for result in future.result():
+          on_result(result)
     except BaseException:
       pool.shutdown(wait=True, cancel_futures=True)
       raise
@@ -477,10 +511,13 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
   say(f"Preparing {len(plan.jobs)} videos from {root} into {out} "
       f"({len(plan.jobs) - len(todo)} already finished, {workers} worker(s))")
 
+  decoded_media = set()
+
   def on_result(result: VideoResult) -> None:
     results[(result.split, result.name)] = result
     summary.cpu_seconds += result.cpu_seconds
-    if result.entry is not None:
+    if result.entry is not None and result.entry["media"] not in decoded_media:
+      decoded_media.add(result.entry["media"])   # a _left/_right pair decodes it once
       summary.decoded_frames += result.entry["num_frames"]
     status = ("skipped" if result.skipped else
               f"{result.entry['num_records']} records" +
