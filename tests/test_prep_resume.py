@@ -85,3 +85,14 @@ def test_killed_subprocess_then_rerun_matches(raw, reference, tmp_path):
     assert not (out / store.METADATA).exists()
   assert subprocess.run(cmd, cwd=REPO, capture_output=True).returncode == 0
   assert _dataset_files(out) == reference
+
+
+def test_pair_shares_one_decode_and_gets_identical_windows(raw, reference, tmp_path,
+                                                           monkeypatch):
+  probed = []
+  real_probe = build.media.probe
+  monkeypatch.setattr(build.media, "probe", lambda p: probed.append(p) or real_probe(p))
+  build.build(raw, tmp_path, splits=["train"], workers=1, log=None)
+  assert sorted(pathlib.Path(p).name for p in probed) == ["pair.avi", "solo.mp4"]
+  files = _dataset_files(tmp_path)
+  assert files["train/pair_left.array_record"] == reference["train/pair_left.array_record"]
