@@ -28,7 +28,7 @@ import numpy as np
 # Skin tones (RGB) from light to dark; identities pick one and jitter it.
 _SKIN_TONES = ((241, 205, 180), (224, 172, 138), (198, 134, 96), (172, 114, 80), (140, 94, 66))
 # (f0 band in Hz, syllables per second) per audio code.
-_VOICE_PITCH = ((110.0, 150.0), (110.0, 150.0), (240.0, 320.0), (240.0, 320.0))
+_VOICE_PITCH = ((100.0, 140.0), (100.0, 140.0), (260.0, 360.0), (260.0, 360.0))
 _VOICE_RATE = ((1.5, 2.5), (5.0, 7.0), (1.5, 2.5), (5.0, 7.0))
 NUM_FACE_CODES = 4
 NUM_AUDIO_CODES = 4
@@ -181,8 +181,9 @@ def voice_segment(rng: np.random.Generator, voice: Voice, audio_code: int, num_s
   t = np.arange(num_samples) / sample_rate
   # Slow pitch drift (intonation) keeps the harmonics from being pure lines.
   phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.04 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))))
-  phase /= sample_rate
-  out = np.zeros(num_samples)
+  # Wrapped, then float32: sin of k * phase stays accurate and costs half as much.
+  phase = np.mod(phase / sample_rate, 2 * np.pi).astype(np.float32)
+  out = np.zeros(num_samples, np.float32)
   nyquist = 0.45 * sample_rate
   for k in range(1, 16):
     fk = k * f0
@@ -191,9 +192,9 @@ def voice_segment(rng: np.random.Generator, voice: Voice, audio_code: int, num_s
     # Two formant bumps shape the harmonic amplitudes: a vowel.
     amp = (np.exp(-((fk - voice.formant) / 300) ** 2) + 0.5 * np.exp(-((fk - 2300) / 600) ** 2)
            + 0.3 / k)
-    out += amp * np.sin(k * phase)
+    out += np.float32(amp) * np.sin(np.float32(k) * phase)
   # Syllables: a raised-sine envelope at the code's rate, with a random start phase.
   envelope = np.clip(np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi)), 0, None) ** 1.5
-  out *= envelope
+  out *= envelope.astype(np.float32)
   peak = np.max(np.abs(out)) or 1.0
   return (out / peak).astype(np.float32)
