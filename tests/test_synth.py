@@ -1,0 +1,210 @@
+"""Tests for the synthetic Aff-Wild2 generator (data_prep.synth) and the media writer."""
+
+import fractions
+import pathlib
+import re
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from data_prep import faces
+from data_prep import media_write
+from data_prep import synth
+from data_prep import synth_render
+
+SECONDS = (3.0, 4.0)  # short videos keep the module's generations around a second each
+ANNOTATIONS = pathlib.Path("annotations", "EXPR_Recognition_Challenge")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  out = tmp_path_factory.mktemp("synth") / "data"
+  summary = synth.generate(out, num_videos=4, seed=0, workers=2, seconds=SECONDS)
+  return out, summary
+
+
+def _annotation_files(out):
+  return sorted((out / ANNOTATIONS).glob("*_Set/*.txt"))
+
+
+def _crop_bytes(out):
+  return {p.relative_to(out).as_posix(): p.read_bytes()
+          for p in sorted((out / "cropped_aligned").rglob("*.jpg"))}
+
+
+def test_layout_and_splits(dataset):
+  out, summary = dataset
+  assert {p.name for p in out.iterdir()} >= {"batch1", "batch2", "cropped_aligned", "annotations",
+                                             "test_set"}
+  assert sorted(p.name for p in (out / ANNOTATIONS).iterdir()) == ["Train_Set", "Validation_Set"]
+  test_names = (out / synth.TEST_LIST).read_text().split()
+  assert test_names == summary["splits"]["test"]["names"] and test_names
+  for name in test_names:  # test videos: crops but no labels
+    assert (out / "cropped_aligned" / name).is_dir()
+    assert not list((out / ANNOTATIONS).glob(f"*/{name}.txt"))
+  names = [p.stem for p in _annotation_files(out)]
+  assert {"000-384x192_left", "000-384x192_right"} <= set(names)  # two persons, both annotated
+  right_only = [n[:-6] for n in names if n.endswith("_right") and n[:-6] + "_left" not in names]
+  assert right_only, names
+  media = sorted(p.suffix for p in out.glob("batch*/*"))
+  assert ".mp4" in media and ".avi" in media and len(media) == 4
+
+
+def test_annotations_have_header_values_and_a_length_mismatch(dataset):
+  out, summary = dataset
+  deltas = []
+  for path in _annotation_files(out):
+    lines = path.read_text().splitlines()
+    assert lines[0] == "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
+    values = np.array([int(v) for v in lines[1:]])
+    assert values.min() >= -1 and values.max() <= 7
+    stem = path.stem.removesuffix("_left").removesuffix("_right")
+    deltas.append(len(values) - summary["videos"][stem]["num_frames"])
+  assert any(d != 0 for d in deltas) and all(abs(d) <= 3 for d in deltas)
+
+
+def test_crops_are_112_jpegs_named_by_frame_and_some_are_missing(dataset):
+  out, summary = dataset
+  some_missing = False
+  for info in summary["videos"].values():
+    for name in info["names"]:
+      files = sorted((out / "cropped_aligned" / name).iterdir())
+      assert all(re.fullmatch(r"\d{5}\.jpg", f.name) for f in files)
+      frames = [int(f.stem) for f in files]
+      assert min(frames) >= 1 and max(frames) <= info["num_frames"]
+      some_missing |= len(frames) < info["num_frames"] + min(0, info["annotation_delta"])
+      crop = cv2.imdecode(np.frombuffer(files[0].read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+      assert crop.shape == (112, 112, 3)
+  assert some_missing
+
+
+def test_media_decode_to_stated_rates(dataset):
+  out, summary = dataset
+  for info in summary["videos"].values():
+    with av.open(str(out / info["media"])) as container:
+      video, audio = container.streams.video[0], container.streams.audio[0]
+      assert video.average_rate == fractions.Fraction(info["fps"])
+      assert audio.sample_rate == info["sample_rate"]
+      assert audio.channels == info["channels"]
+      assert sum(1 for _ in container.decode(video=0)) == info["num_frames"]
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(dataset, tmp_path):
+  out, _ = dataset
+  again = tmp_path / "again"
+  synth.generate(again, num_videos=4, seed=0, workers=1, seconds=SECONDS)
+  for path in _annotation_files(out):
+    assert (again / path.relative_to(out)).read_bytes() == path.read_bytes()
+  assert _crop_bytes(again) == _crop_bytes(out)
+  other = tmp_path / "other"
+  synth.generate(other, num_videos=4, seed=1, workers=1, seconds=SECONDS)
+  assert [p.read_bytes() for p in _annotation_files(other)] != [
+      p.read_bytes() for p in _annotation_files(out)]
+
+
+def test_resume_regenerates_only_the_missing_video(tmp_path):
+  out = tmp_path / "data"
+  first = synth.generate(out, num_videos=3, seed=5, workers=1, seconds=SECONDS)
+  assert sorted(first["generated"]) == sorted(first["videos"])
+  stem, info = sorted(first["videos"].items())[1]
+  kept = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and stem not in p.name
+          and stem not in p.parent.name and p.parent.name != "test_set"}
+  (out / info["media"]).unlink()
+  for name in info["names"]:
+    for f in (out / "cropped_aligned" / name).iterdir():
+      f.unlink()
+  (out / synth.MARKER_DIR / f"{stem}.json").unlink()
+  second = synth.generate(out, num_videos=3, seed=5, workers=1, seconds=SECONDS)
+  assert second["generated"] == [stem]
+  assert (out / info["media"]).exists() and list((out / "cropped_aligned" / info["names"][0]).iterdir())
+  assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
+def test_bad_arguments_give_clear_errors(tmp_path, capsys):
+  with pytest.raises(ValueError, match="num_videos must be >= 3"):
+    synth.generate(tmp_path, num_videos=2)
+  with pytest.raises(SystemExit):
+    synth.main(["--out", str(tmp_path), "--num-videos", "1"])
+  assert "num_videos must be >= 3" in capsys.readouterr().err
+
+
+def test_media_write_round_trip_exact_ntsc_rate_and_audio_from_zero(tmp_path):
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, (45, 64, 96, 3), dtype=np.uint8)
+  sample_rate = 44100
+  audio = np.zeros((int(45 * 1001 / 30000 * sample_rate), 2), np.float32)
+  click = sample_rate  # a click at t = 1 s, i.e. at frame 31 (t = 30 * 1001 / 30000 s ≈ 1.001)
+  audio[click:click + 32] = 0.9
+  for name in ("v.mp4", "v.avi"):
+    path = media_write.write_video(tmp_path / name, frames, 29.97, audio=audio,
+                                   sample_rate=sample_rate)
+    assert not list(tmp_path.glob(".*.tmp"))
+    with av.open(str(path)) as container:
+      video = container.streams.video[0]
+      assert video.average_rate == fractions.Fraction(30000, 1001)
+      assert sum(1 for _ in container.decode(video=0)) == 45
+    with av.open(str(path)) as container:
+      decoded = list(container.decode(audio=0))
+      assert decoded[0].pts == 0
+      samples = np.concatenate([f.to_ndarray().reshape(f.samples, -1)[:, 0] if not f.format.is_planar
+                                else f.to_ndarray()[0] for f in decoded])
+      assert abs(int(np.argmax(np.abs(samples))) - click) < 64  # within 1.5 ms
+
+
+def test_media_write_rejects_bad_frames(tmp_path):
+  with pytest.raises(ValueError, match="even"):
+    media_write.write_video(tmp_path / "x.mp4", np.zeros((2, 63, 64, 3), np.uint8), 25)
+  with pytest.raises(ValueError, match="extension"):
+    media_write.write_video(tmp_path / "x.gif", np.zeros((2, 64, 64, 3), np.uint8), 25)
+
+
+def _nearest_centroid_accuracy(features, codes, train):
+  centroids = np.stack([features[train & (codes == c)].mean(0) for c in range(4)])
+  predicted = np.argmin(((features[~train, None] - centroids[None]) ** 2).sum(-1), axis=1)
+  return float(np.mean(predicted == codes[~train]))
+
+
+def test_face_codes_are_learnable_across_identities():
+  """Nearest centroid on 28x28 grey crops: new identities, chance is 0.25."""
+  rng = np.random.default_rng(0)
+  features, codes = [], []
+  for person in range(48):
+    ident = synth_render.random_identity(rng, 192)
+    background = synth_render.random_background(rng, 192, 256)
+    for code in range(4):
+      frame = background.copy()
+      center = (128 + rng.uniform(-20, 20), 96 + rng.uniform(-6, 6))
+      synth_render.draw_face(frame, center, ident, code)
+      crop = faces.crop_face(frame, faces.Box(*synth_render.face_box(center, ident)))
+      grey = cv2.resize(cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY), (28, 28), interpolation=cv2.INTER_AREA)
+      x = grey.astype(np.float32).ravel()
+      features.append((x - x.mean()) / (x.std() + 1e-6))
+      codes.append(code)
+  codes = np.array(codes)
+  train = np.arange(len(codes)) < 32 * 4
+  assert _nearest_centroid_accuracy(np.stack(features), codes, train) > 0.7
+
+
+def test_audio_codes_are_learnable_across_voices():
+  """Nearest centroid on a 2 s log-spectrum summary (band means + envelope rhythm)."""
+  rng = np.random.default_rng(0)
+  sample_rate = 16000
+  features, codes = [], []
+  for person in range(24):
+    voice = synth_render.random_voice(rng)
+    for code in range(4):
+      x = synth_render.voice_segment(rng, voice, code, 2 * sample_rate, sample_rate)
+      x = x + 0.1 * rng.standard_normal(x.shape)
+      frames = np.lib.stride_tricks.sliding_window_view(x, 512)[::160] * np.hanning(512)
+      spec = np.log(np.abs(np.fft.rfft(frames, axis=1)) ** 2 + 1e-6)
+      bands = spec[:, :128].reshape(len(spec), 16, 8).mean(-1)  # 16 bands up to 4 kHz
+      envelope = spec.max(1) - spec.max(1).mean()
+      rhythm = np.abs(np.fft.rfft(envelope, n=256))[:32]
+      f = np.concatenate([bands.mean(0) - bands.mean(), rhythm / (rhythm.sum() + 1e-6) * 10])
+      features.append(f)
+      codes.append(code)
+  codes = np.array(codes)
+  train = np.arange(len(codes)) < 16 * 4
+  assert _nearest_centroid_accuracy(np.stack(features), codes, train) > 0.7
