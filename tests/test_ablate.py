@@ -99,6 +99,13 @@ def test_dry_run_cli_lists_finished_runs(sweep):
   assert not (workdir / "concat-dynamic-seed0").exists()
 
 
+def test_finished_runs_of_another_experiment_are_not_reused(sweep):
+  workdir, kwargs, _ = sweep
+  changed = {**kwargs, "overrides": (*kwargs["overrides"], "train.learning_rate=0.5")}
+  with pytest.raises(ablate.AblationError, match="use a new --workdir"):
+    ablate.run_sweep(**changed)
+
+
 def test_unfinished_run_resumes_from_its_own_checkpoint(sweep):
   """A run killed after its step-4 checkpoint (no marker, no final eval) is resumed alone."""
   workdir, kwargs, _ = sweep
