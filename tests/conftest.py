@@ -16,3 +16,39 @@ flags.FLAGS.mark_as_parsed()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def tiny_config(data_dir):
+  """tests/configs/tiny.py on ``data_dir``: test-size Swins, 12 steps."""
+  sys.path.insert(0, str(TESTS / "configs"))
+  import tiny  # pylint: disable=g-import-not-at-top
+  return tiny.get_config(str(data_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+  """The small fake prepared dataset most training-side tests read (one per session)."""
+  import fake_data  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp("tiny_data")
+  fake_data.make_fake_dataset(d, splits={"train": 4, "validation": 2}, frames_per_video=60,
+                              mel_shape=(16, 32), face_size=32, invalid_fraction=0.1,
+                              no_face_fraction=0.1, seed=0)
+  return d
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data_dir, tmp_path_factory):
+  """One finished 12-step tiny training run (evals at steps 6 and 12), shared by the tools'
+  tests (report, predict), so the suite trains it once."""
+  from mfer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  run = tmp_path_factory.mktemp("tiny_run")
+  loop.train_and_evaluate(tiny_config(tiny_data_dir), str(run))
+  return run

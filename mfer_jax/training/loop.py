@@ -60,18 +60,22 @@ def class_loss_weights(cfg: ConfigDict, label: np.ndarray, num_classes: int) -> 
   return w.astype(np.float32)
 
 
-def write_config(config: ConfigDict, workdir: pathlib.Path) -> None:
+def write_run_files(config: ConfigDict, workdir: pathlib.Path,
+                    train_index: store.SplitIndex) -> None:
+  """config.json, and features.json: the dataset's feature parameters, which prediction
+  needs to build audio windows exactly as in training, even without the training data."""
   if jax.process_index() == 0:
     store.atomic_write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    store.atomic_write_json(workdir / "features.json", train_index.features)
 
 
 def build_run(config: ConfigDict, workdir: str) -> Run:
   """Builds mesh, data, state (restored or initialised) and the checkpointer."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  write_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   train_index = store.load_split(config.data.data_dir, "train")
+  write_run_files(config, workdir, train_index)
   eval_index = store.load_split(config.data.data_dir, config.train.eval_split)
   train_iter = pipeline.make_train_iterator(config.data, train_index)
   steps_per_epoch = train_iter.steps_per_epoch

@@ -1,0 +1,128 @@
+"""A trained model from a workdir, as a batched, jitted ``predict(face, mel, has_face)``.
+
+Prediction tools (``mfer_jax.predict``) use this; training never does. The workdir's
+``config.json`` rebuilds the model, and the best checkpoint by validation macro-F1 (or the
+latest) supplies the parameters. Inference runs on one device with a fixed batch size, and
+the last partial batch is padded, so the function compiles exactly once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from mfer_jax import config_lib, sharding
+from mfer_jax.training import checkpointing, optimizer, state as state_lib
+
+
+class WorkdirError(FileNotFoundError):
+  """A workdir without the config or checkpoint that prediction needs."""
+
+
+def _tuples(value: Any) -> Any:
+  # JSON has no tuples; every sequence in our configs is a tuple (sizes, mesh shape, rules).
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def load_config(workdir: str | os.PathLike) -> ConfigDict:
+  """The resolved config a run was trained with (``<workdir>/config.json``).
+
+  It is merged into `config_lib.base_config()`, so keys added since the run keep their
+  defaults and the types stay those of the code.
+
+  Raises:
+    WorkdirError: if the workdir has no config.json.
+  """
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise WorkdirError(f"{path} not found: {workdir} is not a training workdir (train one with "
+                       "`python main.py --config=... --workdir=...`)")
+  saved = _tuples(json.loads(path.read_text()))
+  config = config_lib.base_config()
+  for key in ("synthetic",):
+    if key in saved:
+      config[key] = ConfigDict(saved.pop(key))
+  config.update(saved)
+  return config
+
+
+class Predictor:
+  """Batched, jitted inference with a trained model.
+
+  Args:
+    workdir: a training workdir (config.json and checkpoints/).
+    which: "best" (highest validation macro-F1, the default) or "latest" checkpoint.
+    batch_size: frames per device call; every call has this shape (the last batch is padded).
+
+  Attributes:
+    config: the run's config.
+    step: the checkpoint step that was loaded.
+    face_size: the face side the model was trained on (the pipeline's ``data.face_size``).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, which: str = "best", batch_size: int = 64):
+    self.config = load_config(workdir)
+    self.batch_size = int(batch_size)
+    self.face_size = int(self.config.data.face_size)
+    self.num_classes = int(self.config.model.num_classes)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    spec = state_lib.ModelSpec(self.config.model)
+    tx, _ = optimizer.make_optimizer(self.config.train, 1)
+    shardings = state_lib.state_shardings(spec, tx, mesh, self.config.mesh.rules)
+    ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+    try:
+      step = ckpt.best_step() if which == "best" else None
+      step = step if step is not None else ckpt.latest_step()
+      if step is None:
+        raise WorkdirError(f"{ckpt.directory} holds no checkpoint; train {workdir} first")
+      state = ckpt.restore_state_only(step, state_lib.abstract_state(shardings, spec, tx))
+    finally:
+      ckpt.close()
+    self.step = int(step)
+    self._params = state.params
+    rules = self.config.mesh.rules
+
+    def forward(params, face, mel, has_face):
+      with sharding.use_rules(mesh, rules):
+        out = spec.merge(params)(face, mel, has_face)
+      return jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1), out["gates"]
+
+    self._forward = jax.jit(forward)
+
+  def predict(self, face: np.ndarray, mel: np.ndarray,
+              has_face: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and modality gates for N frames.
+
+    Args:
+      face: uint8 [N, face_size, face_size, 3] RGB crops (zeros where there is no face).
+      mel: uint8 [N, n_mels, T] log-mel windows, built as in data preparation.
+      has_face: bool [N].
+
+    Returns:
+      (probs float32 [N, num_classes], gates float32 [N, 2] as (visual, audio)).
+    """
+    n = face.shape[0]
+    probs, gates = [], []
+    for start in range(0, n, self.batch_size):
+      stop = min(start + self.batch_size, n)
+      pad = self.batch_size - (stop - start)
+      chunk = [np.asarray(a[start:stop]) for a in (face, mel, has_face)]
+      if pad:
+        chunk = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in chunk]
+      p, g = self._forward(self._params, *chunk)
+      probs.append(np.asarray(p)[:stop - start])
+      gates.append(np.asarray(g)[:stop - start])
+    if not probs:
+      return np.zeros((0, self.num_classes), np.float32), np.zeros((0, 2), np.float32)
+    return np.concatenate(probs), np.concatenate(gates)

@@ -1,0 +1,82 @@
+"""From per-frame probabilities to ABAW label files: no-face policy, smoothing, writing.
+
+ABAW Expression prediction format: the header line
+``Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other`` and then one class index per
+video frame, in frame order. Every frame gets a label.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+
+import numpy as np
+
+from mfer_jax.data import store
+
+HEADER = ",".join(store.CLASS_NAMES)
+
+# What a frame without a face gets (documented in the README):
+#   audio:   the model's own prediction from the audio window alone (has_face=False, the same
+#            input training used for frames without a crop);
+#   nearest: the prediction of the nearest frame that has a face (ties: the earlier one);
+#            a video with no face at all falls back to "audio".
+NO_FACE_POLICIES = ("audio", "nearest")
+
+
+def fill_no_face(probs: np.ndarray, has_face: np.ndarray, policy: str) -> np.ndarray:
+  """Applies the no-face policy to [N, C] probabilities."""
+  if policy not in NO_FACE_POLICIES:
+    raise ValueError(f"no-face policy {policy!r}: choose one of {NO_FACE_POLICIES}")
+  if policy == "audio" or has_face.all() or not has_face.any():
+    return probs
+  with_face = np.flatnonzero(has_face)
+  # Index of the nearest frame with a face, for every frame.
+  pos = np.searchsorted(with_face, np.arange(len(has_face)))
+  left = with_face[np.clip(pos - 1, 0, len(with_face) - 1)]
+  right = with_face[np.clip(pos, 0, len(with_face) - 1)]
+  idx = np.arange(len(has_face))
+  nearest = np.where(np.abs(idx - left) <= np.abs(right - idx), left, right)
+  return probs[nearest]
+
+
+def smooth(probs: np.ndarray, window: int) -> np.ndarray:
+  """Centred moving average of [N, C] probabilities over ``window`` frames (<= 1: none).
+
+  The window shrinks at the ends of the video instead of padding, so the first and last
+  frames average only real frames.
+  """
+  if window <= 1 or len(probs) == 0:
+    return probs
+  half = window // 2
+  csum = np.concatenate([np.zeros((1, probs.shape[1])), np.cumsum(probs, axis=0)])
+  idx = np.arange(len(probs))
+  lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(probs))
+  return ((csum[hi] - csum[lo]) / (hi - lo)[:, None]).astype(probs.dtype)
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
+  """Writes an ABAW prediction file (header + one label per frame), atomically."""
+  text = HEADER + "\n" + "".join(f"{int(l)}\n" for l in labels)
+  store.atomic_write_bytes(path, text.encode())
+
+
+def write_probabilities(path: str | os.PathLike, probs: np.ndarray, labels: np.ndarray,
+                        has_face: np.ndarray, gates: np.ndarray) -> None:
+  """Writes the per-frame CSV beside a label file: frame, label, has_face, p_<class>...,
+  gate_visual, gate_audio (atomically)."""
+  buf = io.StringIO()
+  buf.write("frame,label,has_face," + ",".join(f"p_{c}" for c in store.CLASS_NAMES)
+            + ",gate_visual,gate_audio\n")
+  for i in range(len(labels)):
+    row = [str(i + 1), str(int(labels[i])), str(int(has_face[i]))]
+    row += [f"{p:.6f}" for p in probs[i]] + [f"{g:.6f}" for g in gates[i]]
+    buf.write(",".join(row) + "\n")
+  store.atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def probabilities_path(label_path: str | os.PathLike) -> pathlib.Path:
+  """``x/video.txt`` -> ``x/video.probs.csv``."""
+  p = pathlib.Path(label_path)
+  return p.with_name(p.stem + ".probs.csv")
