@@ -389,11 +389,17 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
 
 
 def _is_done(out: pathlib.Path, plan: VideoPlan) -> bool:
-  marker = _marker(out, plan)
+  """True if the video's marker matches its plan and its outputs are still there."""
   try:
-    return json.loads(marker.read_text()) == _video_info(plan)
+    if json.loads(_marker(out, plan).read_text()) != _video_info(plan):
+      return False
   except (OSError, ValueError):
     return False
+  names = [p.name for p in plan.persons if p.annotated]
+  outputs = [out / plan.media] + [out / "cropped_aligned" / n for n in names]
+  if plan.split in SPLIT_DIRS:
+    outputs += [_annotation_path(out, plan.split, n) for n in names]
+  return all(p.exists() for p in outputs)
 
 
 def generate(out_dir: str | os.PathLike, num_videos: int = 16, seed: int = 0, workers: int = 2,

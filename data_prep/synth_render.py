@@ -14,6 +14,10 @@ rate, both visible in a 2 s log-mel window:
     0 low pitch, slow syllables     1 low pitch, fast syllables
     2 high pitch, slow syllables    3 high pitch, fast syllables
 
+Low voices (f0 100-140 Hz) also have a low first formant (400-650 Hz, a dark vowel), high
+voices (f0 260-360 Hz) a high one (900-1300 Hz, a bright vowel); slow is 1.2-2.2 and fast
+5-7 syllables per second.
+
 Each identity (per person and video) varies the skin tone, face size, hair, pitch (within its
 band) and syllable timing, so neither modality is a lookup table.
 """
@@ -29,7 +33,9 @@ import numpy as np
 _SKIN_TONES = ((241, 205, 180), (224, 172, 138), (198, 134, 96), (172, 114, 80), (140, 94, 66))
 # (f0 band in Hz, syllables per second) per audio code.
 _VOICE_PITCH = ((100.0, 140.0), (100.0, 140.0), (260.0, 360.0), (260.0, 360.0))
-_VOICE_RATE = ((1.5, 2.5), (5.0, 7.0), (1.5, 2.5), (5.0, 7.0))
+_VOICE_RATE = ((1.2, 2.2), (5.0, 7.0), (1.2, 2.2), (5.0, 7.0))
+# First formant band in Hz per audio code: low voices are dark, high voices bright.
+_VOICE_FORMANT = ((400.0, 650.0), (400.0, 650.0), (900.0, 1300.0), (900.0, 1300.0))
 NUM_FACE_CODES = 4
 NUM_AUDIO_CODES = 4
 
@@ -159,12 +165,12 @@ class Voice:
 
   pitch_u: float       # position in the code's pitch band, 0..1
   rate_u: float        # position in the code's syllable-rate band, 0..1
-  formant: float       # first formant in Hz (vowel colour)
+  formant_u: float     # position in the code's first-formant band, 0..1 (vowel colour)
 
 
 def random_voice(rng: np.random.Generator) -> Voice:
   return Voice(pitch_u=float(rng.uniform()), rate_u=float(rng.uniform()),
-               formant=float(rng.uniform(500, 900)))
+               formant_u=float(rng.uniform()))
 
 
 def voice_segment(rng: np.random.Generator, voice: Voice, audio_code: int, num_samples: int,
@@ -178,6 +184,8 @@ def voice_segment(rng: np.random.Generator, voice: Voice, audio_code: int, num_s
   f0 = lo + (hi - lo) * voice.pitch_u
   rlo, rhi = _VOICE_RATE[audio_code]
   rate = rlo + (rhi - rlo) * voice.rate_u
+  flo, fhi = _VOICE_FORMANT[audio_code]
+  formant = flo + (fhi - flo) * voice.formant_u
   t = np.arange(num_samples) / sample_rate
   # Slow pitch drift (intonation) keeps the harmonics from being pure lines.
   phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.04 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))))
@@ -190,7 +198,7 @@ def voice_segment(rng: np.random.Generator, voice: Voice, audio_code: int, num_s
     if fk > min(nyquist, 7000):
       break
     # Two formant bumps shape the harmonic amplitudes: a vowel.
-    amp = (np.exp(-((fk - voice.formant) / 300) ** 2) + 0.5 * np.exp(-((fk - 2300) / 600) ** 2)
+    amp = (np.exp(-((fk - formant) / 300) ** 2) + 0.5 * np.exp(-((fk - 2300) / 600) ** 2)
            + 0.3 / k)
     out += np.float32(amp) * np.sin(np.float32(k) * phase)
   # Syllables: a raised-sine envelope at the code's rate, with a random start phase.

@@ -91,6 +91,25 @@ def test_media_decode_to_stated_rates(dataset):
       assert sum(1 for _ in container.decode(video=0)) == info["num_frames"]
 
 
+def test_detector_finds_the_faces_in_decoded_video_frames(dataset):
+  """faces.py finds the drawn face whenever a crop exists, and nothing when the face is out."""
+  out, summary = dataset
+  found_when_visible, found_when_absent = [], []
+  for info in summary["videos"].values():
+    if len(info["names"]) != 1 or info["names"][0].endswith(("_left", "_right")):
+      continue
+    crops = out / "cropped_aligned" / info["names"][0]
+    with av.open(str(out / info["media"])) as container:
+      for number, frame in enumerate(container.decode(video=0), start=1):
+        found = faces.largest_face(frame.to_ndarray(format="rgb24")) is not None
+        if (crops / f"{number:05d}.jpg").exists():
+          found_when_visible.append(found)
+        else:
+          found_when_absent.append(found)
+  assert len(found_when_visible) > 50 and found_when_absent
+  assert np.mean(found_when_visible) > 0.9 and np.mean(found_when_absent) < 0.1
+
+
 def test_same_seed_same_bytes_and_other_seed_differs(dataset, tmp_path):
   out, _ = dataset
   again = tmp_path / "again"
@@ -98,6 +117,8 @@ def test_same_seed_same_bytes_and_other_seed_differs(dataset, tmp_path):
   for path in _annotation_files(out):
     assert (again / path.relative_to(out)).read_bytes() == path.read_bytes()
   assert _crop_bytes(again) == _crop_bytes(out)
+  for media in out.glob("batch*/*"):  # same PyAV version here, so the media match too
+    assert (again / media.relative_to(out)).read_bytes() == media.read_bytes(), media.name
   other = tmp_path / "other"
   synth.generate(other, num_videos=4, seed=1, workers=1, seconds=SECONDS)
   assert [p.read_bytes() for p in _annotation_files(other)] != [
