@@ -52,6 +52,13 @@ only ``_right``.
 16000, 44100 and 48000 Hz, mono and stereo (`MEDIA_FORMATS`). One annotation file is 3
 lines longer than its video, one is 2 lines shorter (the real data does this).
 
+**Measured** (seed 0, 16 videos, built by ``data_prep.build``; linear probes, 1 frame in 3):
+LDA on the 112x112 crops predicts the face code with balanced accuracy 0.75, LDA on the 64x100
+log-mel window the audio code with 0.62 (chance 0.25). Combining the two code posteriors per
+class gives validation macro-F1 0.59, against 0.22 from the face alone and 0.24 from the
+audio alone. The detector of `data_prep.faces` finds the face in 100% of the sampled frames
+that have a crop and in none where the face is out of view.
+
 Generation is deterministic for a seed (annotations and crops byte for byte; media too for
 the same PyAV version), parallel over videos, and resumable: each video's outputs are
 written under temporary names, then a marker; finished videos are skipped on re-run.
@@ -210,7 +217,7 @@ def plan_dataset(num_videos: int, seed: int, seconds: tuple[float, float]) -> li
     else:
       persons = [_plan_person(rng, f"{stem}_left", index != right_only, num_frames, fps),
                  _plan_person(rng, f"{stem}_right", True, num_frames, fps)]
-    delta = {1: 3, right_only: -2}.get(index, 0) if num_videos >= 4 else 0
+    delta = {1: 3, right_only: -2}.get(index, 0)
     plans.append(VideoPlan(index, stem, split, f"batch{index % 2 + 1}", ext, fps, sample_rate,
                            channels, num_frames, persons, delta))
   _cover_all_classes(plans, np.random.default_rng(np.random.SeedSequence([seed, 1 << 20])))
@@ -357,6 +364,9 @@ def render_video(out_dir: str, plan: VideoPlan, seed: int) -> str:
   cv2.setNumThreads(1)  # parallelism is across videos
   out = pathlib.Path(out_dir)
   rng = np.random.default_rng(np.random.SeedSequence([seed, plan.index, 1]))
+  # Temporary media of an earlier, killed run (named by its pid) would otherwise stay forever.
+  for stale in (out / plan.batch).glob(f".{plan.media.name}.*.tmp"):
+    stale.unlink()
   crops = {}
   for person in plan.persons:
     if person.annotated:

@@ -137,10 +137,14 @@ def test_resume_regenerates_only_the_missing_video(tmp_path):
     for f in (out / "cropped_aligned" / name).iterdir():
       f.unlink()
   (out / synth.MARKER_DIR / f"{stem}.json").unlink()
+  stale = out / info["media"]
+  stale = stale.with_name(f".{stale.name}.99999.tmp")  # as left by a killed run
+  stale.write_bytes(b"partial")
   second = synth.generate(out, num_videos=3, seed=5, workers=1, seconds=SECONDS)
   assert second["generated"] == [stem]
   assert (out / info["media"]).exists() and list((out / "cropped_aligned" / info["names"][0]).iterdir())
   assert {p: p.stat().st_mtime_ns for p in kept} == kept
+  assert not stale.exists()
 
 
 def test_bad_arguments_give_clear_errors(tmp_path, capsys):
