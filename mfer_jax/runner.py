@@ -32,9 +32,10 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
           or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
   if not coordinator_address and not auto:
     return
-  if jax.default_backend() == "cpu" or env.get("JAX_PLATFORMS", "") == "cpu":
-    # Cross-process collectives on CPU go through gloo (tests run two processes on 127.0.0.1).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Cross-process collectives of the CPU backend go through gloo (tests run two processes on
+  # 127.0.0.1); the option only concerns CPU devices. Asking jax.default_backend() here would
+  # initialise the backend, which must wait until after jax.distributed.initialize.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   else:

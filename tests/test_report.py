@@ -8,25 +8,16 @@ import sys
 import pytest
 from PIL import Image
 
-import fake_data
 from mfer_jax import evaluation, report
-from mfer_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """One finished tiny run (12 steps, evals at 6 and 12), shared by the tests below."""
-  data = tmp_path_factory.mktemp("report_data")
-  fake_data.make_fake_dataset(data, splits={"train": 4, "validation": 2}, frames_per_video=60,
-                              mel_shape=(16, 32), face_size=32, seed=0)
-  sys.path.insert(0, str(ROOT / "tests" / "configs"))
-  import tiny  # pylint: disable=g-import-not-at-top
-  run = tmp_path_factory.mktemp("report_run")
-  loop.train_and_evaluate(tiny.get_config(str(data)), str(run))
-  return run
+def run_dir(tiny_run):
+  """The finished tiny run of conftest (12 steps, evals at 6 and 12)."""
+  return tiny_run
 
 
 def _check_png(path: pathlib.Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from sklearn.metrics import f1_score
 
-import fake_data
+from conftest import tiny_config
 from mfer_jax import evaluation, sharding
 from mfer_jax.data import pipeline, store
 from mfer_jax.training import checkpointing, loop, optimizer, state as state_lib
@@ -26,19 +26,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.py"
 
 
-def tiny_config(data_dir):
-  sys.path.insert(0, str(TINY.parent))
-  import tiny  # pylint: disable=g-import-not-at-top
-  return tiny.get_config(str(data_dir))
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tiny_data")
-  fake_data.make_fake_dataset(d, splits={"train": 4, "validation": 2}, frames_per_video=60,
-                              mel_shape=(16, 32), face_size=32, invalid_fraction=0.1,
-                              no_face_fraction=0.1, seed=0)
-  return d
+def data_dir(tiny_data_dir):
+  return tiny_data_dir
+
+
+def deterministic_config(data_dir):
+  """The tiny config without dropout, drop path or modality dropout: exact comparisons."""
+  config = tiny_config(data_dir)
+  config.model.modality_dropout = 0.0
+  config.model.fusion.dropout = 0.0
+  for enc in (config.model.image, config.model.audio):
+    enc.drop_path_rate = 0.0
+  return config
 
 
 def _pieces(config, mesh):
@@ -55,8 +55,7 @@ def _pieces(config, mesh):
 
 
 def test_loss_decreases_on_a_fixed_batch(data_dir):
-  config = tiny_config(data_dir)
-  config.model.modality_dropout = 0.0
+  config = deterministic_config(data_dir)   # the same program as the accum=1 test below
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   _, state, _, step, local = _pieces(config, mesh)
   batch = pipeline.to_global_batch(local, mesh)
@@ -86,11 +85,7 @@ def test_sharded_step_matches_single_device(data_dir):
 
 
 def test_grad_accumulation_matches_full_batch(data_dir):
-  config = tiny_config(data_dir)
-  config.model.modality_dropout = 0.0
-  for enc in (config.model.image, config.model.audio):
-    enc.drop_path_rate = 0.0
-  config.model.fusion.dropout = 0.0
+  config = deterministic_config(data_dir)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   out = []
   for accum in (1, 2):
@@ -124,8 +119,9 @@ def test_nan_guard_freezes_state_and_names_the_step(data_dir):
 
 
 def test_loop_stops_on_nan_with_a_clear_message(data_dir, tmp_path, monkeypatch):
+  # Same config (and so the same compiled step) as the shared tiny run; the NaN stops it at
+  # the first check.
   config = tiny_config(data_dir)
-  config.train.max_steps = 3
 
   def poison(config, spec, state):
     del config, spec
@@ -220,12 +216,10 @@ def _final_params(workdir, step):
 
 
 @pytest.fixture(scope="module")
-def reference_run(data_dir, tmp_path_factory):
-  """One uninterrupted 12-step main.py run on 8 devices, shared by the resume and multi-host
-  tests (each main.py run costs compiles, so it runs once)."""
-  workdir = tmp_path_factory.mktemp("reference")
-  _main(f"--config={TINY}:{data_dir}", f"--workdir={workdir}")
-  return workdir
+def reference_run(tiny_run):
+  """The uninterrupted 12-step run on 8 devices (conftest's, trained in-process with the same
+  config as the main.py runs below, so it is the same program)."""
+  return tiny_run
 
 
 def test_resume_after_sigkill_is_bitwise_identical(data_dir, reference_run, tmp_path):
