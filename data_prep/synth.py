@@ -11,7 +11,9 @@ Layout (DESIGN.md §2)::
     DIR/annotations/EXPR_Recognition_Challenge/{Train_Set,Validation_Set}/<name>.txt
     DIR/test_set/EXPR_Recognition_Challenge_test_set_release.txt    test names, one per line
 
-``<name>`` is the video stem, or ``<stem>_left`` / ``<stem>_right`` in two-person videos.
+``<name>`` is the video stem (``<index>-<W>x<H>``: 256x192 frames, 384x192 with two persons),
+or ``<stem>_left`` / ``<stem>_right`` in two-person videos. Videos last 20-40 s by default
+(``--min-seconds``/``--max-seconds``; the tests use 3-4 s).
 Annotation files start with the header line, then one label per frame in -1..7.
 ``DIR/.synth/`` holds per-video completion markers (ignored by readers).
 
