@@ -169,6 +169,7 @@ class Voice:
 
 
 def random_voice(rng: np.random.Generator) -> Voice:
+  """Draws a person's voice: where in each code's pitch, rate and formant band it sits."""
   return Voice(pitch_u=float(rng.uniform()), rate_u=float(rng.uniform()),
                formant_u=float(rng.uniform()))
 
