@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       "enabled": True,
       "raw_dir": "data/synthetic_affwild2",   # Aff-Wild2-format raw layout (videos, crops, labels)
       "num_videos": 16,
+      "seconds": (20.0, 40.0),               # (min, max) length of each synthetic video
       "seed": 0,
       "workers": 2,
   })

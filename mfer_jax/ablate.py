@@ -175,7 +175,7 @@ def final_eval_if_complete(run_dir: pathlib.Path) -> dict[str, Any] | None:
   (``train.max_steps``, or ``train.num_epochs`` epochs), and an eval exists at that step.
   """
   config = _read_json(run_dir / "config.json")
-  rows = _metrics_rows(run_dir)
+  rows = evaluation.read_metrics(run_dir)
   evals = evaluation.read_evals(run_dir) if (run_dir / "eval").is_dir() else []
   if not config or not rows or not evals:
     return None
@@ -186,18 +186,6 @@ def final_eval_if_complete(run_dir: pathlib.Path) -> dict[str, Any] | None:
   if not (at_max or at_epochs) or evals[-1]["step"] != last["step"]:
     return None
   return evals[-1]
-
-
-def _metrics_rows(run_dir: pathlib.Path) -> list[dict[str, Any]]:
-  path = run_dir / "metrics.jsonl"
-  rows = []
-  if path.exists():
-    for line in path.read_text().splitlines():
-      try:
-        rows.append(json.loads(line))
-      except ValueError:
-        continue
-  return rows
 
 
 def _spec(config_path: pathlib.Path, base_arg: str, overrides: Sequence[str]) -> dict[str, Any]:

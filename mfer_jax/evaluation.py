@@ -82,6 +82,23 @@ def read_evals(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   return [json.loads(p.read_text()) for p in paths]
 
 
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """Rows of a workdir's ``metrics.jsonl`` ([] when missing).
+
+  A line cut short by a kill in mid-write is skipped: the resumed run rewrites it.
+  """
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      continue
+  return rows
+
+
 def format_summary(result: dict[str, Any]) -> str:
   """A readable multi-line table of per-class F1, support and gate weights."""
   lines = [f"macro-F1 {result['macro_f1']:.4f}   accuracy {result['accuracy']:.4f}   "

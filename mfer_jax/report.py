@@ -52,18 +52,8 @@ class ReportError(FileNotFoundError):
   """The workdir cannot be reported on; the message says why and what to do."""
 
 
-def load_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """Rows of ``metrics.jsonl`` ([] when missing); a line cut by a kill mid-write is skipped."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  rows = []
-  for line in path.read_text().splitlines():
-    try:
-      rows.append(json.loads(line))
-    except ValueError:
-      continue
-  return rows
+# Kept as the report's name for it; the reading itself lives beside read_evals.
+load_metrics = evaluation.read_metrics
 
 
 def load_evals(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -54,7 +54,7 @@ def prepare_synthetic_data(config: ConfigDict) -> None:
 
   if jax.process_index() == 0:
     api.ensure_demo_dataset(syn.raw_dir, config.data.data_dir, num_videos=syn.num_videos,
-                            seed=syn.seed, workers=syn.workers)
+                            seed=syn.seed, workers=syn.workers, seconds=tuple(syn.seconds))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("synthetic data ready")
