@@ -1,4 +1,4 @@
-"""Predict expressions for videos with a trained run.
+r"""Predict expressions for videos with a trained run.
 
 One video (faces are detected in each frame; labels and probabilities are written):
 
