@@ -268,3 +268,10 @@ def test_two_processes_match_one(data_dir, reference_run, tmp_path):
   assert [e["step"] for e in evals] == [e["step"] for e in ref_evals]
   # Each frame is evaluated exactly once across the two hosts.
   assert evals[-1]["num_examples"] == ref_evals[-1]["num_examples"]
+
+
+def test_rerunning_a_finished_run_reports_its_final_eval(data_dir, tiny_run):
+  before = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+  result = loop.train_and_evaluate(tiny_config(data_dir), str(tiny_run))
+  assert result == evaluation.read_evals(tiny_run)[-1] and result["step"] == 12
+  assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before

@@ -146,6 +146,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
   run = build_run(config, workdir)
   cfg = config.train
   start = int(jax.device_get(run.state.step))
+  if start >= run.total_steps:
+    # A finished run (e.g. `make demo` twice): report its final evaluation, train nothing.
+    run.checkpointer.close()
+    run.train_iter.close()
+    finished = [e for e in evaluation.read_evals(run.workdir) if e["step"] == start]
+    console.say(f"{run.workdir} already finished its {run.total_steps} steps; "
+                + ("its final evaluation:" if finished else "evaluating its final state."))
+    return finished[-1] if finished else evaluate(run, run.state.params)
   eval_every = cfg.eval_every_steps if cfg.eval_every_steps > 0 else run.steps_per_epoch
   label = np.asarray(store.load_split(config.data.data_dir, "train").label)
   weights = class_loss_weights(cfg, label, config.model.num_classes)
