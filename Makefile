@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python main.py --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q --durations=15 tests
 
 clean-venv:
 	rm -rf $(VENV)
