@@ -66,20 +66,23 @@ class MediaInfo:
     return self.sample_rate > 0
 
 
-def _open(path: str | os.PathLike):
+def open_media(path: str | os.PathLike):
+  """Opens a media file with PyAV; a MediaError names the file if it cannot be opened."""
   try:
     return av.open(str(path))
   except (av.error.FFmpegError, OSError, ValueError) as e:
     raise MediaError(f"{path}: cannot open media file ({e})") from e
 
 
-def _video_stream(container, path):
+def video_stream(container, path):
+  """The first video stream of an open container (MediaError naming the file if none)."""
   if not container.streams.video:
     raise MediaError(f"{path}: has no video stream")
   return container.streams.video[0]
 
 
-def _frame_rate(stream, path) -> fractions.Fraction:
+def frame_rate(stream, path) -> fractions.Fraction:
+  """The video stream's exact frame rate: average, else guessed, else base rate."""
   for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
     if rate:
       return fractions.Fraction(rate.numerator, rate.denominator)
@@ -92,9 +95,9 @@ def probe(path: str | os.PathLike) -> MediaInfo:
   Raises:
     MediaError: if the file cannot be opened, has no video stream, or decodes to no frames.
   """
-  with _open(path) as container:
-    stream = _video_stream(container, path)
-    fps = _frame_rate(stream, path)
+  with open_media(path) as container:
+    stream = video_stream(container, path)
+    fps = frame_rate(stream, path)
     video_codec = stream.codec_context.name
     audio = container.streams.audio[0] if container.streams.audio else None
     sample_rate = int(audio.codec_context.sample_rate or 0) if audio is not None else 0
@@ -123,8 +126,8 @@ def decode_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
   Raises:
     MediaError: if the file cannot be opened or decoding fails.
   """
-  with _open(path) as container:
-    stream = _video_stream(container, path)
+  with open_media(path) as container:
+    stream = video_stream(container, path)
     stream.thread_type = "AUTO"
     try:
       for frame in container.decode(stream):
@@ -148,7 +151,7 @@ def decode_audio(path: str | os.PathLike,
   Raises:
     MediaError: if the file cannot be opened or the audio cannot be decoded.
   """
-  with _open(path) as container:
+  with open_media(path) as container:
     if not container.streams.audio:
       return np.zeros(0, np.float32), 0
     stream = container.streams.audio[0]

@@ -117,18 +117,9 @@ def _decode_tolerantly(path: str, on_frame) -> tuple[fractions.Fraction, float, 
   Returns:
     (fps, start time of the first frame in seconds, unreadable 1-based frame numbers).
   """
-  try:
-    container = av.open(path)
-  except (av.error.FFmpegError, OSError, ValueError) as e:
-    raise media.MediaError(f"{path}: cannot open media file ({e})") from e
-  with container:
-    if not container.streams.video:
-      raise media.MediaError(f"{path}: has no video stream")
-    stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    if not rate:
-      raise media.MediaError(f"{path}: the video stream declares no frame rate")
-    fps = fractions.Fraction(rate.numerator, rate.denominator)
+  with media.open_media(path) as container:
+    stream = media.video_stream(container, path)
+    fps = media.frame_rate(stream, path)
     number, start, unreadable = 0, None, []
 
     def emit(frames):
