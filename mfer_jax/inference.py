@@ -50,10 +50,7 @@ def load_config(workdir: str | os.PathLike) -> ConfigDict:
                        "`python main.py --config=... --workdir=...`)")
   saved = _tuples(json.loads(path.read_text()))
   config = config_lib.base_config()
-  for key in ("synthetic",):
-    if key in saved:
-      config[key] = ConfigDict(saved.pop(key))
-  config.update(saved)
+  config.update(saved)   # also adds keys base_config lacks (e.g. the demo's `synthetic`)
   return config
 
 
