@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfer_jax import errors, files
 from mfer_jax.models import swin
 
 Params = dict[str, np.ndarray]
@@ -40,7 +41,7 @@ _BUFFERS = ("relative_position_index", "attn_mask")
 _SHOWN = 4  # keys listed per problem kind in error messages
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint that cannot be read, or does not fit the requested model."""
 
 
@@ -325,9 +326,13 @@ def import_pretrained(model: swin.SwinTransformer, path: str) -> None:
 
 
 def save_params(path: str, params: Mapping[str, np.ndarray], cfg: swin.SwinConfig) -> None:
-  """Writes params as .safetensors with flat '/' keys and the config as metadata."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  """Writes params as .safetensors with flat '/' keys and the config as metadata.
+
+  The file is written atomically (temporary name, then rename), its folder created if needed.
+  """
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   meta = {"format": "mfer_jax.swin", "variant": cfg.variant,
           "img_size": ",".join(map(str, cfg.img_size)), "window_size": str(cfg.window_size),
           "in_chans": str(cfg.in_chans)}
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}, path, meta)
+  files.atomic_write_bytes(
+      path, save({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}, meta))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import logging
 from flax import nnx
 
-from mfer_jax import console
+from mfer_jax import console, errors
 from ml_collections import ConfigDict
 
 from mfer_jax.models import swin_import
@@ -17,7 +17,7 @@ from mfer_jax.models.model import encoder_config
 from mfer_jax.training.state import ModelSpec, TrainState
 
 
-class InitFileError(ValueError):
+class InitFileError(errors.UserError, ValueError):
   """An init file named in the config cannot be used; the message names the config key."""
 
 
