@@ -23,7 +23,7 @@ def _encoder(in_chans: int) -> ConfigDict:
       "window_size": 7,
       "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = summed RGB kernel
       "drop_path_rate": 0.1,
-      "init_file": "",            # params from `python -m mfer_jax.convert` ('' = scratch)
+      "init_file": "",            # params from `python -m mfer_jax.tools.convert` ('' = scratch)
   })
 
 

@@ -16,7 +16,7 @@ Mapping, following timm's ``checkpoint_filter_fn``:
   * A 3-channel patch kernel loaded into a 1-channel model (spectrograms) is summed over the
     input channels, which gives the same embedding as a grey image repeated three times.
 
-Our converted files (see `save_params` and ``python -m mfer_jax.convert``) hold flat
+Our converted files (see `save_params` and ``python -m mfer_jax.tools.convert``) hold flat
 '/'-joined param paths and load through the same function, with the same adaptations.
 """
 
@@ -65,7 +65,7 @@ def read_state_dict(path: str) -> Params:
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
         f"{path}: cannot read checkpoint ({type(e).__name__}: {e}). The file is truncated or "
-        "corrupt; re-download or re-export it (e.g. `python -m mfer_jax.convert`).") from e
+        "corrupt; re-download or re-export it (e.g. `python -m mfer_jax.tools.convert`).") from e
 
 
 def _read_safetensors(path: str) -> Params:
