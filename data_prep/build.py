@@ -296,14 +296,14 @@ def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
   """
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise BuildError(f"--root {root} is not a directory.\n{affwild2.LAYOUT_HELP}")
+    raise BuildError(f"--root={root} is not a directory; {affwild2.LAYOUT_POINTER}")
   try:
     index = affwild2.index_media(root)
   except OSError as e:
     raise BuildError(f"{root}: cannot list media ({e})") from e
   if not index.files:
     raise BuildError(f"{root}: no media files in batch*/ folders "
-                     f"({', '.join(decode.MEDIA_EXTENSIONS)}).\n{affwild2.LAYOUT_HELP}")
+                     f"({', '.join(decode.MEDIA_EXTENSIONS)}); {affwild2.LAYOUT_POINTER}")
   plan = Plan([], [], [])
   for stem, others in sorted(index.duplicates.items()):
     plan.warnings.append(f"{others[0]}: another media file for {stem!r}; using "
@@ -342,7 +342,7 @@ def _test_names(root: pathlib.Path, test_list) -> tuple[list[str], str]:
     found = affwild2.find_test_list(root)
     if not found:
       raise BuildError(f"{root}: no test list (*test*set*.txt) found; pass --test_list=FILE or "
-                       f"leave test out of --splits.\n{affwild2.LAYOUT_HELP}")
+                       f"leave test out of --splits (the layout: data_prep/README.md, 'The layout read')")
     if len(found) > 1:
       raise BuildError(f"{root}: several test lists found ({', '.join(map(str, found))}); "
                        "choose one with --test_list=FILE")

@@ -39,6 +39,10 @@ Expected the Aff-Wild2 Expression layout under ROOT:
     (or EXPR_Classification_Challenge in older releases)
   ROOT/test_set/*test*set*.txt (test video names, one a line; or pass --test_list=FILE)
 A synthetic set in this layout: python -m data_prep.synth --out DIR"""
+# The one-line pointer that errors carry instead of LAYOUT_HELP (an error is one line).
+LAYOUT_POINTER = ("expected ROOT/batch*/<video>.mp4|.avi, ROOT/cropped_aligned/<name>/, "
+                  "ROOT/annotations/EXPR_Recognition_Challenge/{Train_Set,Validation_Set}/ "
+                  "(the layout: data_prep/README.md, 'The layout read')")
 
 
 class LayoutError(errors.UserError, RuntimeError):
@@ -69,10 +73,10 @@ def list_annotations(root: str | os.PathLike, split: str) -> list[pathlib.Path]:
   d = find_annotation_dir(root, split)
   if d is None:
     raise LayoutError(f"{root}: no annotation folder for split {split!r} "
-                      f"(annotations/<challenge>/{SPLIT_DIRS[split]}/).\n{LAYOUT_HELP}")
+                      f"(annotations/<challenge>/{SPLIT_DIRS[split]}/); {LAYOUT_POINTER}")
   files = sorted(p for p in d.iterdir() if p.suffix == ".txt" and p.is_file())
   if not files:
-    raise LayoutError(f"{d}: annotation folder is empty (no <name>.txt files).\n{LAYOUT_HELP}")
+    raise LayoutError(f"{d}: annotation folder is empty (no <name>.txt files); {LAYOUT_POINTER}")
   return files
 
 
