@@ -17,14 +17,15 @@ renamed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import gc
+import json
 import logging as std_logging
 import os
 import pathlib
 import re
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -73,30 +74,54 @@ def _dotted(path: Sequence[Any]) -> str:
                   for k in path)
 
 
-@contextlib.contextmanager
-def _quiet_asyncio() -> Iterator[None]:
+class _FailedRestoreLeftovers(std_logging.Filter):
+  """Drops asyncio's "exception was never retrieved" reports of Orbax/TensorStore reads."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ("never retrieved" in text and ("orbax" in text or "tensorstore" in text))
+
+
+_leftovers_silenced = False
+
+
+def _silence_failed_restore_leftovers() -> None:
   """Keeps a failed restore's leftover asyncio tasks from printing tracebacks.
 
   When one array of a checkpoint cannot be read, Orbax's restore raises while its other
-  reads are still pending on an event loop it then closes; those tasks later complain
-  ("Task exception was never retrieved", "Event loop is closed") through asyncio's logger
-  and `sys.unraisablehook`. The failure itself is reported, in one line, by the caller.
+  reads are still pending on an event loop it then closes; those tasks complain later, when
+  they are garbage-collected (as late as interpreter exit): "Task exception was never
+  retrieved" through asyncio's logger, "Event loop is closed" through `sys.unraisablehook`.
+  The failure itself was reported in one line, so from the first failed restore on, exactly
+  these two reports are dropped (others pass).
   """
-  log = std_logging.getLogger("asyncio")
-  level, hook = log.level, sys.unraisablehook
+  global _leftovers_silenced
+  if _leftovers_silenced:
+    return
+  _leftovers_silenced = True
+  std_logging.getLogger("asyncio").addFilter(_FailedRestoreLeftovers())
+  hook = sys.unraisablehook
 
   def unraisable(info):
     if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
       return
     hook(info)
 
-  log.setLevel(std_logging.CRITICAL)
   sys.unraisablehook = unraisable
-  try:
-    yield
-  finally:
-    log.setLevel(level)
-    sys.unraisablehook = hook
+
+
+def _macro_f1(metrics: dict[str, float]) -> float:
+  return metrics["macro_f1"]
+
+
+class _NoMetricsWarning(std_logging.Filter):
+  """Drops Orbax's warning for a save without metrics: only evaluated steps have one."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return "did not provide metrics" not in str(record.msg)
+
+
+std_logging.getLogger("absl").addFilter(_NoMetricsWarning())
 
 
 class Checkpointer:
@@ -112,13 +137,32 @@ class Checkpointer:
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(n=keep),
-        cm.BestN(get_metric_fn=lambda m: m["macro_f1"], reverse=False, n=1,
+        cm.BestN(get_metric_fn=_macro_f1, reverse=False, n=1,
                  keep_checkpoints_without_metrics=False),
     ])
+    # best_fn makes Orbax write each step's metrics to disk (and read them back after a
+    # restart) and `best_step()` use them; without it, best_step() is the latest step and a
+    # resumed run forgets which checkpoint was best. The explicit policy decides what is kept.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=async_save, create=True)
+        preservation_policy=policy, best_fn=_macro_f1, best_mode="max",
+        enable_async_checkpointing=async_save, create=True)
+    self._move_aside_unreadable_metrics()
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
+
+  def _move_aside_unreadable_metrics(self) -> None:
+    """A step whose metrics JSON is damaged would stop Orbax from listing any step."""
+    if not self.directory.is_dir():
+      return
+    for path in self.directory.glob("*/metrics/metrics"):
+      try:
+        json.loads(path.read_text())
+      except (OSError, ValueError) as e:
+        step = path.parent.parent.name
+        if step.isdigit():
+          moved = self._move_aside(int(step))
+          console.say(f"warning: checkpoint step {step} in {self.directory} has unreadable "
+                      f"metrics ({type(e).__name__}: {e}); moved it to {moved.name}")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -192,15 +236,16 @@ class Checkpointer:
       best = self.manager.best_step() if prefer_best else None
       step = best if best is not None else steps[0]
       try:
-        with _quiet_asyncio():
-          if data_iterator is None:
-            state = self.restore_state_only(step, abstract_state)
-          else:
-            state = self.restore(step, abstract_state, data_iterator)
+        if data_iterator is None:
+          state = self.restore_state_only(step, abstract_state)
+        else:
+          state = self.restore(step, abstract_state, data_iterator)
         return Restored(step, state)
       except Exception as e:  # pylint: disable=broad-exception-caught
         # Orbax and TensorStore raise plain Exception/ValueError/KeyError/OSError for damage;
         # the saved metadata tells a config mismatch (our error to report) from damage.
+        _silence_failed_restore_leftovers()
+        gc.collect()   # the leftover reads, now rather than at some later moment
         self._raise_if_mismatch(step, abstract_state)
         cause = _cause(e)
       moved = self._move_aside(step)
@@ -234,8 +279,7 @@ class Checkpointer:
     """Raises CheckpointMismatchError if step's saved array names or shapes differ from the
     target's; returns quietly if they match or the metadata itself is unreadable."""
     try:
-      with _quiet_asyncio():
-        saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+      saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
       saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(saved.tree)
                if hasattr(m, "shape")}
     except Exception:  # pylint: disable=broad-exception-caught
