@@ -187,9 +187,10 @@ def _preempt(run: Run, step: int, stop: preemption.StopRequest) -> errors.Preemp
   """Waits for the checkpoint of ``step``, writes the PREEMPTED marker, returns the error."""
   run.checkpointer.wait()
   run_status.mark_preempted(run.workdir, step, stop.signal_name or "stop request")
-  return errors.Preempted(
-      f"{stop.signal_name} after step {step} of {run.total_steps}: saved checkpoint "
-      f"{run.checkpointer.directory / str(step)}; rerun the same command to resume")
+  saved = (f"saved checkpoint {run.checkpointer.directory / str(step)}" if step > 0
+           else "nothing trained yet")
+  return errors.Preempted(f"{stop.signal_name} after step {step} of {run.total_steps}: "
+                          f"{saved}; rerun the same command to resume")
 
 
 def _finish(run: Run, step: int, result: dict[str, Any]) -> dict[str, Any]:
@@ -205,14 +206,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     errors.Preempted: SIGTERM/SIGINT stopped the run after saving (exit 143).
     errors.UserError: data, checkpoint or NaN errors, each with its one-line message.
   """
-  run = build_run(config, workdir)
-  try:
-    return _train(run)
-  finally:
-    run.close()
+  # Installed first, so a signal while the run is built (restore, compile) also ends in 143.
+  with preemption.StopRequest() as stop:
+    run = build_run(config, workdir)
+    try:
+      return _train(run, stop)
+    finally:
+      run.close()
 
 
-def _train(run: Run) -> dict[str, Any]:
+def _train(run: Run, stop: preemption.StopRequest) -> dict[str, Any]:
   start = int(jax.device_get(run.state.step))
   run_status.clear(run.workdir)
   due_at = lambda step: [n for n, e in run.evaluators.items()  # noqa: E731
@@ -223,19 +226,20 @@ def _train(run: Run) -> dict[str, Any]:
   writer = observability.MetricsWriter(run.workdir, resume_step=start)
   state = run.state
   try:
-    with preemption.StopRequest() as stop:
-      last_result = _read_eval(run.workdir, start, None) if start >= run.total_steps else None
-      if missing:
-        try:
-          result = _evaluate(run, state, start, missing, writer, stop)
-        except _Stopped:
-          raise _preempt(run, start, stop) from None
-        last_result = result or last_result
-      if start >= run.total_steps:
-        # A finished run (e.g. `make demo` twice): report its final evaluation, train nothing.
-        console.say(f"{run.workdir} already finished its {run.total_steps} steps.")
-        return _finish(run, start, last_result)
-      return _train_steps(run, state, start, writer, stop)
+    if stop.requested:
+      raise _preempt(run, start, stop)
+    last_result = _read_eval(run.workdir, start, None) if start >= run.total_steps else None
+    if missing:
+      try:
+        result = _evaluate(run, state, start, missing, writer, stop)
+      except _Stopped:
+        raise _preempt(run, start, stop) from None
+      last_result = result or last_result
+    if start >= run.total_steps:
+      # A finished run (e.g. `make demo` twice): report its final evaluation, train nothing.
+      console.say(f"{run.workdir} already finished its {run.total_steps} steps.")
+      return _finish(run, start, last_result)
+    return _train_steps(run, state, start, writer, stop)
   finally:
     writer.close()
 
