@@ -24,8 +24,8 @@ The transform is Umeyama's closed-form least-squares fit (the estimator InsightF
 through ``skimage.transform.SimilarityTransform``), written out here in numpy; the warp is
 bilinear, and outside the frame the crop is black, like Aff-Wild2's crops at the image
 border. One addition: a face shrunk more than 2x (an eye distance above about 70 pixels) is
-first reduced with pixel averaging (``cv2.INTER_AREA``) to twice the crop's scale, so fine
-detail is averaged instead of aliased. Prediction
+first reduced to the crop's scale with pixel averaging (``cv2.INTER_AREA``), so fine detail
+is averaged instead of aliased. Prediction
 (`mfer_jax.prediction`) and data preparation (``data_prep.build --detect``) both crop with
 `align_face`, so a model sees the same framing in training and in use.
 """
@@ -121,14 +121,15 @@ def align_face(frame_rgb: np.ndarray, landmarks: np.ndarray,
 def warp(frame: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
   """The ``size`` x ``size`` image ``matrix`` maps ``frame`` to: bilinear, black outside.
 
-  A map that shrinks more than 2x first reduces the covered part of the frame with pixel
-  averaging to twice the output scale, so detail is averaged rather than aliased.
+  A map that shrinks more than 2x first reduces the covered part of the frame to the output
+  scale with pixel averaging (``cv2.INTER_AREA``), so detail is averaged rather than aliased;
+  the warp then only rotates and shifts.
   """
   frame = np.ascontiguousarray(frame)
   matrix = np.asarray(matrix, np.float64)
   scale = np.sqrt(abs(np.linalg.det(matrix[:, :2])))
   if scale < 0.5:
-    frame, matrix = _shrink_footprint(frame, matrix, size, 2.0 * scale)
+    frame, matrix = _shrink_footprint(frame, matrix, size, scale)
   return cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
