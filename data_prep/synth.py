@@ -82,7 +82,6 @@ import multiprocessing
 import os
 import pathlib
 import shutil
-import sys
 import time
 
 import cv2
