@@ -12,7 +12,7 @@ A video is read twice:
 2. `aligned_faces` decodes it again and warps the chosen tracks' faces into crops, one frame
    at a time, so memory holds crops only for the frames a caller keeps.
 
-Decoding a 640x360 frame costs about a tenth of detecting faces in it, so the second pass is
+Decoding a 640x360 frame costs a twentieth of detecting faces in it, so the second pass is
 cheap next to the first, and it avoids holding every decoded frame until the tracks (which
 depend on the whole video: ``largest`` is the track in the most frames) are known.
 """
