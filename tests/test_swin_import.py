@@ -90,6 +90,19 @@ def test_every_format_gives_the_same_params(tiny):
       np.testing.assert_array_equal(params[k], first[k], err_msg=k)
 
 
+def test_data_parallel_prefix_is_stripped_in_both_layouts(tiny, tmp_path):
+  """DataParallel/DDP checkpoints prefix every key with ``module.``, Microsoft's too."""
+  ref, files, _ = tiny
+  want = swin_import.load_swin_params(files["safetensors"], TINY)
+  for name, sd in (("timm", ref.state_dict()), ("microsoft", _microsoft_layout(ref))):
+    path = tmp_path / f"{name}_ddp.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, path)
+    got = swin_import.load_swin_params(str(path), TINY)
+    assert got.keys() == want.keys(), name
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name}: {k}")
+
+
 def test_swin_tiny_matches_timm(tiny):
   ref, files, _ = tiny
   _compare(ref, _model(TINY, swin_import.load_swin_params(files["microsoft"], TINY)), TINY)

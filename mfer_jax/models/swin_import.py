@@ -131,10 +131,11 @@ def _to_ours(path: str, value: np.ndarray) -> np.ndarray:
 
 def _timm_layout(sd: Params) -> Params:
   """Drops buffers and head, and moves Microsoft-style downsample keys to timm 1.x places."""
+  # DataParallel / DDP wrappers prefix every key; strip it before telling the layouts apart.
+  sd = {k.removeprefix("module."): v for k, v in sd.items()}
   microsoft = "layers.0.downsample.reduction.weight" in sd
   out = {}
   for k, v in sd.items():
-    k = k.removeprefix("module.")  # DataParallel / DDP wrappers
     if any(b in k for b in _BUFFERS) or k.startswith("head."):
       continue
     if microsoft:
