@@ -1,4 +1,4 @@
-"""How encoder inputs are normalised, and how a 3-channel patch kernel becomes an exact 1-channel one.
+"""Encoder input normalisation, and the exact fold of a 3-channel patch kernel into 1 channel.
 
 Faces are RGB in [0, 1], normalised per channel with the ImageNet statistics the pretrained
 Swin weights were trained with. Spectrograms are grey images in [0, 1] (docs/method.md):
@@ -7,7 +7,7 @@ Swin weights were trained with. Spectrograms are grey images in [0, 1] (docs/met
   it like a face; pretrained weights apply unchanged.
 - ``in_chans=1`` feeds the grey map once, normalised with one mean and std (`GREY_MEAN`,
   `GREY_STD`, the averages of the ImageNet statistics, so a model trained from scratch sees
-  inputs of about zero mean and unit scale). A 3-channel checkpoint is loaded into such a
+  inputs on the same scale as the faces). A 3-channel checkpoint is loaded into such a
   model by `fold_rgb_patch_embed`, which makes the 1-channel model compute exactly what the
   3-channel model computes on the grey image repeated three times.
 
