@@ -67,7 +67,8 @@ class VideoInputs:
 
 
 def _faces_from_folder(path: str, crops: pathlib.Path, face_size: int):
-  """(face, has_face, fps, start, unreadable) from a cropped_aligned folder."""
+  """(face [N, S, S, 3], has_face [N], the finished `decode.TolerantFrames` for fps, start
+  time and unreadable frames) from a cropped_aligned folder."""
   available = affwild2.list_crops(crops)
   frames = decode.TolerantFrames(path)
   kept = []
@@ -82,7 +83,8 @@ def _faces_from_folder(path: str, crops: pathlib.Path, face_size: int):
 
 
 def _tracked_faces(path: str, face_size: int, detect_every: int, person: str):
-  """[(suffix, face, has_face, boxes, landmarks)] for the chosen people, and the tracks."""
+  """([[suffix, face, has_face, boxes, landmarks]] for the chosen people (one entry without
+  any face when there is no track), the video's `faces.VideoTracks`)."""
   tracked = faces.track_video(path, detect_every=detect_every)
   chosen = tracked.select(person)
   n = tracked.num_frames
