@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 import pathlib
 import signal
