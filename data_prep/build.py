@@ -1,7 +1,12 @@
 """Builds the prepared dataset (ArrayRecord shards + index + metadata) from raw Aff-Wild2.
 
     python -m data_prep.build --root=AFFWILD2_DIR --out=DATA_DIR \\
-        [--splits=train,validation,test] [--workers=N] [--test_list=FILE] [--n_mels=64] ...
+        [--splits=train,validation,test] [--workers=N] [--annotations=DIR] \\
+        [--test_list=FILE] [--n_mels=64] ...
+
+The release is found at any depth under --root (`mfer_jax.data.affwild2.scan_release`): the one
+EXPR challenge folder, media in batch*/ and new_vids*/, crops in every cropped_aligned*/ folder,
+the test list by its known names.
 
 One shard per annotation file (test: per listed video), one record per annotated valid frame
 (train/validation) or per decoded frame (test, label -1); see data_prep/README.md for the
@@ -50,7 +55,8 @@ class VideoJob:
     name: annotation name (``_left``/``_right`` kept).
     media: media file path.
     media_rel: media path relative to the root (written to the metadata).
-    crops: this name's crop folder (may not exist).
+    crops: this name's crop folder, or "" when no cropped_aligned* folder holds it.
+    crops_rel: the crop folder relative to the root ("" without one; in the metadata).
     annotation: annotation file path; None for test videos.
   """
 
@@ -59,11 +65,13 @@ class VideoJob:
   media: str
   media_rel: str
   crops: str
+  crops_rel: str = ""
   annotation: str | None = None
 
   def fingerprint(self) -> dict[str, Any]:
-    """Sizes and mtimes of the inputs: a finished video is rebuilt when they change."""
-    out = {}
+    """Sizes and mtimes of the inputs, and the crop folder: a finished video is rebuilt when
+    they change."""
+    out: dict[str, Any] = {"crops": self.crops_rel}
     for key, path in (("media", self.media), ("annotation", self.annotation)):
       if path:
         st = os.stat(path)
@@ -181,14 +189,17 @@ def prepare_video(job: VideoJob, params: audio_features.FeatureParams,
   crops = affwild2.list_crops(job.crops)
   if not crops:
     flags.append("no_crops")
-    warnings.append(f"{job.crops}: no face crops; every record of {job.name} has no face")
+    where = (f"{job.crops}: no face crops" if job.crops else
+             f"no cropped_aligned* folder holds {job.name!r}")
+    warnings.append(f"{where}; every record of {job.name} has no face")
   has_face = np.fromiter((f in crops for f in frame.tolist()), bool, count=frame.size)
 
   entry.update({
       "split": job.split, "fps": float(info.fps),
       "fps_fraction": f"{info.fps.numerator}/{info.fps.denominator}",
       "num_frames": n, "duration": info.duration, "sample_rate": info.sample_rate,
-      "audio_channels": info.channels, "media": job.media_rel, "flags": flags,
+      "audio_channels": info.channels, "media": job.media_rel, "crops": job.crops_rel,
+      "flags": flags,
       "num_records": int(frame.size), "num_faces": int(has_face.sum())})
   return PreparedVideo(job=job, entry=entry, frame=frame, label=label, has_face=has_face,
                        warnings=warnings, _windows=windows)
@@ -285,24 +296,32 @@ class Plan:
   jobs: list[VideoJob]
   skipped: list[tuple[str, str, str]]   # (split, name, reason)
   warnings: list[str]
+  annotations: str = ""                 # the challenge folder read, relative to the root
+  test_list: str = ""                   # the test names file read
 
 
 def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
-              test_list: str | os.PathLike | None = None) -> Plan:
+              test_list: str | os.PathLike | None = None,
+              annotations: str | os.PathLike | None = None) -> Plan:
   """Lists the jobs of the requested splits, and the annotations that cannot become one.
 
+  Args:
+    root: the unpacked release (see `affwild2.scan_release`).
+    splits: any of "train", "validation", "test".
+    test_list: the test names file; default: the one with a known name under root.
+    annotations: the EXPR challenge folder; default: the one found under root.
+
   Raises:
-    BuildError: wrong root, a missing or empty annotation folder, no media, or no test list.
+    BuildError: wrong root, no / several / empty annotation folders, no media, no or several
+      test lists, or one video's crops in two cropped_aligned* folders.
   """
   root = pathlib.Path(root)
   if not root.is_dir():
     raise BuildError(f"--root {root} is not a directory.\n{affwild2.LAYOUT_HELP}")
-  try:
-    index = affwild2.index_media(root)
-  except OSError as e:
-    raise BuildError(f"{root}: cannot list media ({e})") from e
+  release = affwild2.scan_release(root)
+  index = release.media
   if not index.files:
-    raise BuildError(f"{root}: no media files in batch*/ folders "
+    raise BuildError(f"{root}: no media files in batch*/ or new_vids*/ folders "
                      f"({', '.join(decode.MEDIA_EXTENSIONS)}).\n{affwild2.LAYOUT_HELP}")
   plan = Plan([], [], [])
   for stem, others in sorted(index.duplicates.items()):
@@ -310,15 +329,18 @@ def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
                          f"{index.files[stem]}")
   seen: dict[str, str] = {}
   for split in splits:
-    if split == "test":
-      names, source = _test_names(root, test_list)
-      entries = [(n, None, f"{source}") for n in names]
-    else:
-      try:
-        files = affwild2.list_annotations(root, split)
-      except affwild2.LayoutError as e:
-        raise BuildError(str(e)) from None
-      entries = [(p.stem, str(p), str(p)) for p in files]
+    try:
+      if split == "test":
+        names, source = _test_names(release, test_list)
+        plan.test_list = affwild2.shown_path(pathlib.Path(source), root)
+        entries = [(n, None, f"{source}") for n in names]
+      else:
+        challenge = release.challenge_dir(annotations)
+        plan.annotations = affwild2.shown_path(challenge, root)
+        files = affwild2.list_split_annotations(challenge, split)
+        entries = [(p.stem, str(p), str(p)) for p in files]
+    except affwild2.LayoutError as e:
+      raise BuildError(str(e)) from None
     for name, annotation, where in entries:
       if name in seen:
         plan.skipped.append((split, name, f"{where}: {name!r} is already in split "
@@ -329,26 +351,21 @@ def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
         plan.skipped.append((split, name, f"{where}: no media file for {name!r} (looked for "
                              f"{affwild2.media_stem(name)}.<ext> in batch*/); skipped"))
         continue
+      try:
+        crops = release.crops.find(name)
+      except affwild2.LayoutError as e:
+        raise BuildError(str(e)) from None
       seen[name] = split
       plan.jobs.append(VideoJob(split=split, name=name, media=str(path),
                                 media_rel=path.relative_to(root).as_posix(),
-                                crops=str(affwild2.crops_dir(root, name)),
+                                crops=str(crops) if crops else "",
+                                crops_rel=crops.relative_to(root).as_posix() if crops else "",
                                 annotation=annotation))
   return plan
 
 
-def _test_names(root: pathlib.Path, test_list) -> tuple[list[str], str]:
-  if test_list is None:
-    found = affwild2.find_test_list(root)
-    if not found:
-      raise BuildError(f"{root}: no test list (*test*set*.txt) found; pass --test_list=FILE or "
-                       f"leave test out of --splits.\n{affwild2.LAYOUT_HELP}")
-    if len(found) > 1:
-      raise BuildError(f"{root}: several test lists found ({', '.join(map(str, found))}); "
-                       "choose one with --test_list=FILE")
-    test_list = found[0]
-  if not os.path.isfile(test_list):
-    raise BuildError(f"--test_list={test_list}: no such file")
+def _test_names(release: affwild2.Release, test_list) -> tuple[list[str], str]:
+  test_list = release.test_list(test_list)
   names = affwild2.read_test_list(test_list)
   if not names:
     raise BuildError(f"{test_list}: the test list is empty")
@@ -373,6 +390,9 @@ class Summary:
     shard_bytes: total size of all shards.
     decoded_frames: video frames decoded by this run (resumed videos excluded).
     cpu_seconds: worker CPU time of this run; wall_seconds: elapsed time.
+    annotations, test_list: the challenge folder and the test list read ("" if not read).
+    crops_from: name -> the cropped_aligned* folder its crops came from ("" for none), for
+      every video written.
   """
 
   out: str
@@ -386,6 +406,9 @@ class Summary:
   decoded_frames: int = 0
   cpu_seconds: float = 0.0
   wall_seconds: float = 0.0
+  annotations: str = ""
+  test_list: str = ""
+  crops_from: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def total_records(self) -> int:
@@ -409,6 +432,11 @@ class Summary:
     if self.decoded_frames:
       lines.append(f"  {self.decoded_frames} frames in {self.wall_seconds:.1f} s wall, "
                    f"{self.frames_per_cpu_second:.0f} frames/s per core")
+    if self.annotations:
+      lines.append(f"  annotations: {self.annotations}")
+    if self.test_list:
+      lines.append(f"  test list: {self.test_list}")
+    lines += self._crops_text()
     if self.skipped:
       lines.append(f"Skipped ({len(self.skipped)}):")
       lines += [f"  {split}/{name}: {why}" for split, name, why in self.skipped]
@@ -416,6 +444,27 @@ class Summary:
       lines.append(f"Repaired ({len(self.repaired)}):")
       lines += [f"  {name}: {why}" for name, why in self.repaired]
     return "\n".join(lines)
+
+  def _crops_text(self) -> list[str]:
+    """Which folder each video's crops came from: the largest folder by count, then every
+    other folder (and 'none') with the names of its videos."""
+    by_folder: dict[str, list[str]] = {}
+    for name, folder in sorted(self.crops_from.items()):
+      by_folder.setdefault(folder, []).append(name)
+    if not by_folder:
+      return []
+    lines = ["  crops:"]
+    order = sorted(by_folder, key=lambda f: (f == "", -len(by_folder[f]), f))
+    for i, folder in enumerate(order):
+      names = by_folder[folder]
+      where = f"{folder}/" if folder else "no crops folder"
+      if i == 0 and folder and len(order) > 1:
+        lines.append(f"    {where}: {len(names)} videos (every video not named below)")
+      elif i == 0 and folder:
+        lines.append(f"    {where}: all {len(names)} videos")
+      else:
+        lines.append(f"    {where}: {len(names)} videos: {', '.join(names)}")
+    return lines
 
 
 def process_media(jobs: Sequence[VideoJob], params: audio_features.FeatureParams,
@@ -463,16 +512,20 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
           splits: Sequence[str] = constants.SPLITS, workers: int = 1,
           params: audio_features.FeatureParams | None = None,
           test_list: str | os.PathLike | None = None,
+          annotations: str | os.PathLike | None = None,
           log: Callable[[str], None] | None = print) -> Summary:
   """Builds (or finishes) the prepared dataset in ``out`` from the raw layout in ``root``.
 
   Args:
-    root: Aff-Wild2 root (batch*/, cropped_aligned/, annotations/, test list).
+    root: the unpacked Aff-Wild2 release (batch*/, cropped_aligned*/, the annotations, the
+      test list, at any depth; see `affwild2.scan_release`).
     out: dataset directory to write.
     splits: splits to build, any of "train", "validation", "test".
     workers: worker processes (videos are the unit of work).
     params: log-mel parameters (defaults: `audio_features.FeatureParams()`).
-    test_list: test names file; default: the one ``*test*set*.txt`` under root.
+    test_list: test names file; default: the one with a known name under root
+      (`affwild2.TEST_LIST_NAMES`).
+    annotations: the EXPR challenge folder; default: the one found under root.
     log: prints progress and warnings (None: silent).
 
   Returns:
@@ -489,12 +542,13 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
     raise BuildError(f"unknown split(s) {unknown}; choose from {','.join(constants.SPLITS)}")
   out = pathlib.Path(out)
   start = time.time()
-  plan = plan_jobs(root, splits, test_list)
+  plan = plan_jobs(root, splits, test_list, annotations)
   for w in plan.warnings:
     say(f"warning: {w}")
   for _, _, why in plan.skipped:
     say(f"warning: {why}")
-  summary = Summary(out=str(out), skipped=list(plan.skipped))
+  summary = Summary(out=str(out), skipped=list(plan.skipped), annotations=plan.annotations,
+                    test_list=plan.test_list)
   results: dict[tuple[str, str], VideoResult] = {}
   todo = []
   for job in plan.jobs:
@@ -548,6 +602,8 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
       index["video_id"].append(np.full(len(result.index["frame"]), len(names), np.int32))
       names.append(job.name)
       meta["videos"][job.name] = result.entry
+      summary.crops_from[job.name] = str(pathlib.PurePosixPath(job.crops_rel).parent) \
+          if job.crops_rel else ""
     arrays = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in index.items()}
     label = arrays["label"].astype(np.int32)
     store.write_split_index(out, split, **arrays)
@@ -569,13 +625,17 @@ def _define_flags() -> None:
   # Defined only when run as a command: main.py and the TFDS builder import this module, and
   # their processes must not grow --root/--out flags.
   defaults = audio_features.FeatureParams()
-  flags.DEFINE_string("root", None, "Aff-Wild2 root (batch*/, cropped_aligned/, annotations/, "
-                      "test list).", required=True)
+  flags.DEFINE_string("root", None, "The unpacked Aff-Wild2 release: batch*/ and new_vids*/ "
+                      "media, cropped_aligned*/ crops, the EXPR challenge folder and the test "
+                      "list, found at any depth.", required=True)
   flags.DEFINE_string("out", None, "Dataset directory to write.", required=True)
   flags.DEFINE_list("splits", list(constants.SPLITS), "Splits to build.")
   flags.DEFINE_integer("workers", min(4, os.cpu_count() or 1), "Worker processes.")
-  flags.DEFINE_string("test_list", None, "Test names file (default: the *test*set*.txt under "
-                      "--root).")
+  flags.DEFINE_string("test_list", None, "Test names file (default: the file under --root with "
+                      "a known Expression test-list name, e.g. "
+                      "Expression_Recognition_Challenge_test_set_release.txt).")
+  flags.DEFINE_string("annotations", None, "The EXPR challenge folder (holding Train_Set/ and "
+                      "Validation_Set/), when --root holds several (default: the one found).")
   flags.DEFINE_integer("sample_rate", defaults.sample_rate, "Audio sample rate (Hz).")
   flags.DEFINE_integer("n_fft", defaults.n_fft, "FFT size.")
   flags.DEFINE_integer("hop_length", defaults.hop_length, "Hop between mel columns (samples).")
@@ -599,7 +659,7 @@ def main() -> None:
     raise errors.UsageError(str(e)) from e
   log = (lambda m: print(m) if not m.startswith("[") else None) if f.quiet else print  # noqa: E731
   build(f.root, f.out, splits=[s.strip() for s in f.splits if s.strip()], workers=f.workers,
-        params=params, test_list=f.test_list, log=log)
+        params=params, test_list=f.test_list, annotations=f.annotations, log=log)
 
 
 if __name__ == "__main__":
