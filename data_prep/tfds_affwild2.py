@@ -160,9 +160,10 @@ class AffWild2Expr(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split, jobs):
     """Examples of one split; its metadata entry is written when the last one is yielded."""
     videos, counts, num_records = [], np.zeros(constants.NUM_CLASSES, np.int64), 0
+    media_cache: dict = {}   # a _left/_right pair (adjacent jobs) decodes its media once
     for job in jobs:
       try:
-        video = build.prepare_video(job, self.params)
+        video = build.prepare_video(job, self.params, media_cache)
       except build.SkipVideo as e:
         logging.error("%s", e)
         continue
