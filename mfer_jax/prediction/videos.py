@@ -12,7 +12,7 @@ import os
 import pathlib
 
 from mfer_jax import errors
-from mfer_jax.data import affwild2, store
+from mfer_jax.data import affwild2, sources, store
 from mfer_jax.media import audio_features
 from mfer_jax.prediction import frames, labels as labels_lib
 from mfer_jax.prediction import predictor as predictor_lib
@@ -35,7 +35,7 @@ def feature_params(workdir: str | os.PathLike,
     return audio_features.FeatureParams.from_dict(json.loads(path.read_text()))
   config = config or predictor_lib.load_config(workdir)
   try:
-    meta = store.load_metadata(config.data.data_dir)
+    meta = sources.load_metadata(config.data)
   except store.DatasetError as e:
     raise predictor_lib.WorkdirError(
         f"{path} not found and the training data's metadata is unavailable ({e}); the audio "
