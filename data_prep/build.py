@@ -349,7 +349,8 @@ def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
       path = index.find(name)
       if path is None:
         plan.skipped.append((split, name, f"{where}: no media file for {name!r} (looked for "
-                             f"{affwild2.media_stem(name)}.<ext> in batch*/); skipped"))
+                             f"{affwild2.media_stem(name)}.<ext> in batch*/ and new_vids*/); "
+                             "skipped"))
         continue
       try:
         crops = release.crops.find(name)

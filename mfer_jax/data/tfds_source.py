@@ -42,7 +42,6 @@ from mfer_jax import console, constants, errors, files
 from mfer_jax.data import records
 from mfer_jax.data import store
 
-INDEX_FIELDS = ("video", "frame", "label", "has_face")
 _SCAN_CHUNK = 2048   # examples read per batch while scanning (about 20 MB)
 _CACHE_VERSION = 1
 
