@@ -1,10 +1,10 @@
-"""Defaults of ``config.data``: the input pipeline, augmentation and resampling settings.
+"""Defaults of ``config.data``: the dataset, input pipeline, augmentation and resampling.
 
 Experiment configs start from `default_data_config()` and override keys. The defaults of
 ``augment.*`` and ``sampling.*`` are the field defaults of `augment.Augmenter` and
-`sampling.SamplingOptions`, written once there. Every key is read by
-`mfer_jax.data.pipeline` (reading, batching, workers), `mfer_jax.data.augment` (``augment.*``)
-or `mfer_jax.data.sampling` (``sampling.*``).
+`sampling.SamplingOptions`, written once there. Every key is read by `mfer_jax.data.sources`
+(``source``, ``data_dir``, ``tfds_*``), `mfer_jax.data.pipeline` (reading, batching, workers),
+`mfer_jax.data.augment` (``augment.*``) or `mfer_jax.data.sampling` (``sampling.*``).
 """
 
 from __future__ import annotations
