@@ -33,11 +33,11 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from array_record.python import array_record_module
 
 from data_prep import build
+from mfer_jax import cli
 from mfer_jax.data import records
 from mfer_jax.data import store
 
@@ -113,8 +113,7 @@ def _tfds_route(raw: pathlib.Path, tmp: str) -> None:
           f"({took / n * 1e5:.0f} s per 100k)")
 
 
-def main(argv):
-  del argv
+def main() -> None:
   from data_prep import synth  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -147,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
