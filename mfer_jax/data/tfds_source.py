@@ -11,9 +11,10 @@ builder), so training needs neither the builder class nor data_prep. The pieces 
 
 Both the index scan and the reader take the features they need straight from the serialized
 ``tf.Example`` (TFDS's own proto, what its TensorFlow-free parser reads) instead of TFDS's
-generic decoding of every feature into numpy: ~3x faster for the scan, and the training
-pipeline reads TFDS as fast as the prepared shards (`bench/pipeline.py --source=tfds`), where
-TFDS's decoding cost ~1.4x the CPU per example.
+generic decoding of every feature into numpy: the scan runs 3-4x faster
+(``python -m bench.prep --route=tfds``), and the training pipeline reads TFDS as fast as the
+prepared shards (``python -m bench.pipeline --source=tfds``; TFDS's decoding cost ~1.4x the
+CPU per example).
 
 TFDS stores examples in the order of a hash of their keys. The source presents them in the
 prepared dataset's record order (videos in ``metadata.splits[split].videos`` order, frames
