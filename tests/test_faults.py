@@ -6,7 +6,6 @@ checkpoints 6, 8 and 12; evaluations at 6 and 12, the best at 6), so nothing her
 from scratch and the resumed runs are compared bit for bit with it.
 """
 
-import json
 import os
 import pathlib
 import shutil

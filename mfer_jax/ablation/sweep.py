@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import math
 import os
 import pathlib
 import signal

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from mfer_jax import constants, errors, evaluation
-from mfer_jax.data import pipeline, store
+from mfer_jax.data import pipeline, sources
 from mfer_jax.training import step as step_lib
 from mfer_jax.training.state import ModelSpec
 
@@ -100,13 +100,13 @@ class Evaluator:
   """
 
   def __init__(self, spec: EvalSpec, config: ConfigDict, mesh: Mesh, model_spec: ModelSpec,
-               param_shardings: Any, index: store.SplitIndex | None = None):
+               param_shardings: Any, index: sources.SplitSource | None = None):
     self.spec = spec
     self._config = config
     self._mesh = mesh
     self._model_spec = model_spec
     self._param_shardings = param_shardings
-    index = index if index is not None else store.load_split(config.data.data_dir, spec.split)
+    index = index if index is not None else sources.load_split(config.data, spec.split)
     self._pipeline = pipeline.make_eval_pipeline(config.data, index, include_unlabelled=False,
                                                  max_examples=spec.max_examples)
     self.num_examples = self._pipeline.num_examples

@@ -28,7 +28,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mfer_jax import console, errors, evaluation, files, sharding
-from mfer_jax.data import pipeline, store
+from mfer_jax.data import pipeline, sources
 from mfer_jax.training import checkpointing, evaluator as evaluator_lib, init_files
 from mfer_jax.training import observability, optimizer, preemption, run_status
 from mfer_jax.training import state as state_lib
@@ -82,7 +82,7 @@ def class_loss_weights(cfg: ConfigDict, label: np.ndarray, num_classes: int) -> 
 
 
 def write_run_files(config: ConfigDict, workdir: pathlib.Path,
-                    train_index: store.SplitIndex) -> None:
+                    train_index: sources.SplitSource) -> None:
   """config.json, and features.json: the dataset's feature parameters, which prediction
   needs to build audio windows exactly as in training, even without the training data."""
   if jax.process_index() == 0:
@@ -95,7 +95,7 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  train_index = store.load_split(config.data.data_dir, "train")
+  train_index = sources.load_split(config.data, "train")
   weights = class_loss_weights(config.train, np.asarray(train_index.label),
                                config.model.num_classes)
   train_iter = pipeline.make_train_iterator(config.data, train_index)
