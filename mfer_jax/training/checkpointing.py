@@ -7,8 +7,9 @@ are kept, plus the best one by validation macro-F1.
 
 Restoring verifies what it reads (`Checkpointer.restore_newest_good`). A step that cannot be
 read (a missing or truncated array file, a deleted ``manifest.ocdbt``, an emptied folder,
-or, when the iterator is restored too, a damaged iterator JSON) is reported in one line naming the step and the cause, renamed to
-``<step>.corrupt`` (never deleted; Orbax ignores the name) and the next newest step is tried.
+or, when the iterator is restored too, a damaged iterator JSON) is reported in one line
+naming the step and the cause, renamed to ``<step>.corrupt`` (never deleted; Orbax ignores
+the name) and the next newest step is tried.
 If none can be read, `CheckpointError` stops the run: it never starts from scratch over
 existing checkpoints. A checkpoint whose arrays do not match the config (another model size,
 say) is not damage: `CheckpointMismatchError` names the first differing array and nothing is
