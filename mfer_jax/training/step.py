@@ -126,6 +126,9 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
                    batch_sh: dict[str, Any]) -> Callable:
   """Builds ``eval_step(params, acc, batch) -> acc`` that accumulates on device.
 
+  Build it once per run and evaluation (`mfer_jax.training.evaluator.Evaluator` does): each
+  build is a new jitted function and traces again. ``eval_step.traces()`` counts the traces.
+
   ``acc`` holds the confusion matrix [C, C] (rows true, columns predicted) and per-class sums
   of the modality gates [C, 2]; masked (padding) rows add nothing. Accumulating on device
   keeps per-batch host transfers out of evaluation, and the result is already the global sum
@@ -133,8 +136,10 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
   """
   num_classes = cfg.model.num_classes
   replicated = NamedSharding(mesh, P())
+  traces = [0]
 
   def eval_step(params, acc, batch):
+    traces[0] += 1   # a Python side effect: runs once per trace, never per call
     model = spec.merge(params)
     out = model(batch["face"], batch["mel"], batch["has_face"])
     valid = batch["mask"] & (batch["label"] >= 0)
@@ -151,6 +156,7 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
     with sharding.use_rules(mesh, cfg.mesh.rules):
       return jitted(params, acc, batch)
 
+  run.traces = lambda: traces[0]   # how often it was traced (tests: once per run)
   return run
 
 
