@@ -33,7 +33,14 @@ def base_config() -> ConfigDict:
   c.seed = 0
   c.model = ConfigDict({
       "num_classes": 8,
-      "dtype": "float32",         # compute dtype: float32 | bfloat16 (params stay float32)
+      # The precision policy of every layer (mfer_jax/models/layers.py, docs/scaling.md).
+      "precision": {
+          "compute_dtype": "float32",  # matmul operands: float32 | bfloat16 (f32 accumulate)
+          "param_dtype": "float32",    # param storage: float32 | bfloat16
+          "matmul": "auto",            # xla | cpu_amx | auto (cpu_amx on the CPU backend)
+      },
+      # jax.checkpoint per Swin and fusion block: none | block | dots_saveable.
+      "remat": "none",
       "modality_dropout": 0.1,    # chance of blanking one modality of a training example
       "image": _encoder(3),
       "audio": _encoder(3),
@@ -102,7 +109,7 @@ def _seed(c: ConfigDict, value: str) -> None:
 def _dtype(c: ConfigDict, value: str) -> None:
   if value not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={value!r}: choose float32 or bfloat16")
-  c.model.dtype = value
+  c.model.precision.compute_dtype = value
 
 
 VARIANT_KEYS: dict[str, Callable[[ConfigDict, str], None]] = {
