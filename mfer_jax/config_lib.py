@@ -65,6 +65,7 @@ def base_config() -> ConfigDict:
       "weight_decay": 0.05,
       "b1": 0.9,
       "b2": 0.999,
+      "mu_dtype": "float32",      # Adam first moments: float32 | bfloat16 (optax mu_dtype)
       "grad_clip_norm": 1.0,      # 0 disables clipping
       "grad_accum_steps": 1,      # microbatches per step (same global batch, less memory)
       "label_smoothing": 0.0,
@@ -80,6 +81,9 @@ def base_config() -> ConfigDict:
       "shape": (-1, 1, 1),        # over axes; -1 takes the remaining devices
       "axes": sharding.MESH_AXES,
       "rules": sharding.DEFAULT_RULES,
+      # Largest share of param bytes allowed to stay replicated on every device (a mesh axis
+      # that does not divide a width leaves it replicated); -1 = 0.1 when fsdp > 1, else off.
+      "max_replicated_fraction": -1.0,
   })
   return c
 

@@ -399,21 +399,71 @@ def check_remat(policy: str) -> str:
 
 
 def remat(fn: Callable, policy: str) -> Callable:
-  """``fn(module, *args)`` under ``jax.checkpoint`` with a named policy.
+  """``fn(module, *args)`` with its activations rematerialised under a named policy.
 
   Policies (``model.remat``):
     none           keep every activation for the backward pass (fastest, most memory);
-    block          keep only the block's inputs; recompute the whole block in the
-                   backward pass (least memory, about one extra forward);
-    dots_saveable  keep matmul outputs, recompute the cheap elementwise work between them.
+    block          keep only the block's inputs and recompute the block in the backward
+                   pass (least memory, about one extra forward pass);
+    dots_saveable  keep matmul outputs, recompute the elementwise work between them.
+
+  ``jax.checkpoint`` alone is not enough on XLA:CPU: the CPU compiler removes the
+  optimisation barriers that keep the recomputation apart and then schedules it right after
+  the forward pass, so the activations live as long as without remat (measured in
+  docs/scaling.md). The recomputation therefore also takes a data dependency on the block's
+  output cotangent (`_tied_checkpoint`): it cannot start before the backward pass reaches the
+  block, on any backend. That makes CPU memory figures (the planner's) honest and costs one
+  scalar add per saved residual.
+
+  An ``nnx.Rngs`` argument is replaced by a fresh one seeded from one key drawn from it, with
+  or without remat, so the random numbers a block sees do not depend on the policy.
 
   Args:
-    fn: a function whose first argument is the module, e.g. ``SwinBlock.__call__``.
+    fn: a function whose first argument is an ``nnx.Module`` holding only params, e.g.
+      ``SwinBlock.__call__``; other arguments are arrays, None or ``nnx.Rngs``.
     policy: one of `REMAT_POLICIES`.
 
   Returns:
-    ``fn`` itself for "none", else its rematerialised version (same signature).
+    A function with ``fn``'s signature.
   """
-  if check_remat(policy) == "none":
-    return fn
-  return nnx.remat(fn, policy=_POLICIES[policy])
+  check_remat(policy)
+
+  def call(module, *args):
+    keys = [a.dropout() if isinstance(a, nnx.Rngs) else None for a in args]
+    arrays = [None if isinstance(a, nnx.Rngs) else a for a in args]
+    graphdef, state = nnx.split(module)
+
+    def pure(state, arrays, keys):
+      full = [a if k is None else nnx.Rngs(dropout=k) for a, k in zip(arrays, keys)]
+      return fn(nnx.merge(graphdef, state), *full)
+
+    if policy == "none":
+      return pure(state, arrays, keys)
+    return _tied_checkpoint(pure, _POLICIES[policy])(state, arrays, keys)
+
+  return call
+
+
+def _tied_checkpoint(f: Callable, policy) -> Callable:
+  """``jax.checkpoint(f, policy)`` whose backward recomputation waits for the cotangent."""
+  checkpointed = jax.checkpoint(f, policy=policy)
+
+  @jax.custom_vjp
+  def tied(*args):
+    return checkpointed(*args)
+
+  def fwd(*args):
+    # The vjp function's leaves are exactly the residuals the policy saves.
+    return jax.vjp(checkpointed, *args)
+
+  def bwd(vjp_fn, ct):
+    # x * 0 is not folded for floats (NaN semantics), so this zero depends on the cotangent.
+    zero = jax.tree.leaves(ct)[0].ravel()[0].astype(jnp.float32) * 0.0
+
+    def tie(r):
+      return r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r
+
+    return jax.tree.map(tie, vjp_fn)(ct)
+
+  tied.defvjp(fwd, bwd)
+  return tied
