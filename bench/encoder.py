@@ -10,9 +10,9 @@ frameworks starting from the same weights (timm's random init, imported). Drop p
 training for both. Repeats alternate between configurations so that load from other users of
 the machine spreads over all of them; we report medians, img/s and ratios to timm fp32.
 
-Configurations: jax_{f32,bf16}_{train,infer} (bf16: matmuls bf16-in / f32-out, see
-`mfer_jax.models.matmul`) and timm_{f32,bf16}_{train,infer} (bf16: torch CPU
-autocast). ``--threads`` pins the process to that many cores (both frameworks) and sets
+Configurations: jax_{f32,bf16amx,bf16xla}_{train,infer} (bf16: matmuls bf16-in / f32-out,
+through the ``cpu_amx`` or the portable ``xla`` matmul path of `mfer_jax.models.layers`) and
+timm_{f32,bf16}_{train,infer} (bf16: torch CPU autocast). ``--threads`` pins the process to that many cores (both frameworks) and sets
 torch's thread count. Results and what each speed lever gave: docs/performance.md.
 """
 
@@ -34,9 +34,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mfer_jax.models import layers
 from mfer_jax.models import swin
 from mfer_jax.models import swin_import
-from tests.timm_reference import timm, torch
+from mfer_jax.testing.timm_reference import timm, torch
 
 _BATCH = flags.DEFINE_integer("batch", 16, "images per step")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "alternating timing rounds")
@@ -55,8 +56,12 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 # per Swin-T step, a quarter of the step time.
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true"
 
-CONFIGS = ("jax_f32_train", "jax_bf16_train", "timm_f32_train", "timm_bf16_train",
-           "jax_f32_infer", "jax_bf16_infer", "timm_f32_infer", "timm_bf16_infer")
+CONFIGS = ("jax_f32_train", "jax_bf16amx_train", "jax_bf16xla_train", "timm_f32_train",
+           "timm_bf16_train", "jax_f32_infer", "jax_bf16amx_infer", "jax_bf16xla_infer",
+           "timm_f32_infer", "timm_bf16_infer")
+PRECISIONS = {"f32": layers.FLOAT32,
+              "bf16amx": layers.Precision("bfloat16", matmul="cpu_amx"),
+              "bf16xla": layers.Precision("bfloat16", matmul="xla")}
 NUM_CLASSES = 8
 LR, WD = 1e-4, 0.05
 
@@ -64,18 +69,18 @@ LR, WD = 1e-4, 0.05
 class _Net(nnx.Module):
   """Encoder plus a linear head: what the training step of the real model looks like."""
 
-  def __init__(self, cfg, dtype, rngs):
-    self.encoder = swin.SwinTransformer(cfg, rngs=rngs, dtype=dtype)
+  def __init__(self, cfg, precision, rngs):
+    self.encoder = swin.SwinTransformer(cfg, rngs=rngs, precision=precision)
     self.head = nnx.Linear(cfg.stage_dims[-1], NUM_CLASSES, rngs=rngs)
 
   def __call__(self, x, rngs=None):
     return self.head(self.encoder(x, rngs=rngs)[1])
 
 
-def _jax_runners(weights: str, head: dict, dtype, batch: int):
+def _jax_runners(weights: str, head: dict, precision: layers.Precision, batch: int):
   """(train_step, infer) closures over donated JAX state, weights from the timm checkpoint."""
   cfg = swin.swin_config("tiny")
-  net = nnx.eval_shape(lambda: _Net(cfg, dtype, nnx.Rngs(0)))
+  net = nnx.eval_shape(lambda: _Net(cfg, precision, nnx.Rngs(0)))
   swin_import.import_pretrained(net.encoder, weights)
   net.head.kernel.set_value(jnp.asarray(head["fc.weight"].T))
   net.head.bias.set_value(jnp.asarray(head["fc.bias"]))
@@ -174,9 +179,9 @@ def main(argv):
     from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, weights)
     head = {k.removeprefix("head."): v.numpy() for k, v in ref.head.state_dict().items()}
-    for dt_name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
-      if any(n.startswith(f"jax_{dt_name}") for n in names):
-        train, infer = _jax_runners(weights, head, dtype, batch)
+    for dt_name, precision in PRECISIONS.items():
+      if any(n.startswith(f"jax_{dt_name}_") for n in names):
+        train, infer = _jax_runners(weights, head, precision, batch)
         runners[f"jax_{dt_name}_train"], runners[f"jax_{dt_name}_infer"] = train, infer
   for dt_name, bf16 in (("f32", False), ("bf16", True)):
     train, infer = _timm_runners(ref, bf16, batch)

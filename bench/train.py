@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from mfer_jax import sharding
 from mfer_jax.data import pipeline, store
 from mfer_jax.training import optimizer, state as state_lib, step as step_lib
-from tests import fake_data
+from mfer_jax.testing import fake_data
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config to benchmark.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's).")
@@ -74,7 +74,7 @@ def main(argv):
   n = config.data.batch_size
   print(f"model: image {config.model.image.variant} {tuple(config.model.image.img_size)}, "
         f"audio {config.model.audio.variant} {tuple(config.model.audio.img_size)}, "
-        f"fusion {config.model.fusion.name}, dtype {config.model.dtype}; batch {n} on "
+        f"fusion {config.model.fusion.name}, precision {spec.precision}; batch {n} on "
         f"{jax.device_count()} {jax.default_backend()} device(s)")
   print(f"first call (compile + 1 step): {compile_s:.1f} s")
   print(f"step: median {med * 1000:.0f} ms over {_ROUNDS.value} rounds of {_STEPS.value} "

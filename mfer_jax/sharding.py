@@ -28,6 +28,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mfer_jax import errors
+
 MESH_AXES = ("data", "fsdp", "model")
 
 # Data-parallel over ('data', 'fsdp'); params sharded over 'fsdp' (ZeRO-3 style) and 'model'.
@@ -118,7 +120,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-class ShardingError(ValueError):
+class ShardingError(errors.UsageError, ValueError):
   """Params stay replicated beyond ``mesh.max_replicated_fraction``; names the largest."""
 
 

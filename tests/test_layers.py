@@ -12,7 +12,7 @@ from flax import nnx
 from mfer_jax import config_lib
 from mfer_jax.models import layers
 from mfer_jax.models.model import ExpressionModel
-from timm_reference import torch
+from mfer_jax.testing.timm_reference import torch
 
 
 def tiny_model_config(fusion="mfm", remat="none"):
@@ -80,7 +80,7 @@ def test_auto_matmul_follows_the_backend(monkeypatch):
 @pytest.mark.parametrize("key,value", [("compute_dtype", "float16"), ("param_dtype", "fp32"),
                                        ("matmul", "amx")])
 def test_unknown_precision_values_name_the_key(key, value):
-  with pytest.raises(layers.PrecisionError, match=f"model.precision.{key}='{value}'"):
+  with pytest.raises(layers.LayerConfigError, match=f"model.precision.{key}='{value}'"):
     layers.Precision.resolve(**{key: value})
 
 

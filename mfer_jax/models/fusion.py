@@ -28,10 +28,10 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from mfer_jax import sharding
+from mfer_jax.constants import FUSION_VARIANTS
 from mfer_jax.models import layers
 from mfer_jax.models.layers import FLOAT32, Precision
 
-FUSION_VARIANTS = ("visual_only", "audio_only", "concat", "sum", "gated", "mfm")
 LN_EPS = 1e-5
 
 

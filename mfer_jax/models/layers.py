@@ -47,11 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfer_jax import errors
+from mfer_jax.constants import DTYPES, MATMUL_PATHS, REMAT_POLICIES
 from mfer_jax.models import matmul
-
-COMPUTE_DTYPES = ("float32", "bfloat16")
-MATMUL_PATHS = ("xla", "cpu_amx", "auto")
-REMAT_POLICIES = ("none", "block", "dots_saveable")
 
 # timm's trunc_normal_(std=.02) truncates at absolute +-2, i.e. +-100 std.
 trunc_normal = nnx.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
@@ -61,8 +59,9 @@ ones = nnx.initializers.ones_init()
 Names = Sequence[str | None]
 
 
-class PrecisionError(ValueError):
-  """A precision setting that does not exist; the message names the key and the choices."""
+class LayerConfigError(errors.UsageError, ValueError):
+  """A ``model.precision`` or ``model.remat`` value that does not exist; the message names
+  the key and the choices."""
 
 
 # ----------------------------------------------------------------------------- precision
@@ -87,11 +86,11 @@ class Precision:
 
   def __post_init__(self):
     for key in ("compute_dtype", "param_dtype"):
-      if getattr(self, key) not in COMPUTE_DTYPES:
-        raise PrecisionError(f"model.precision.{key}={getattr(self, key)!r}: choose one of "
-                             f"{', '.join(COMPUTE_DTYPES)}")
+      if getattr(self, key) not in DTYPES:
+        raise LayerConfigError(f"model.precision.{key}={getattr(self, key)!r}: choose one of "
+                             f"{', '.join(DTYPES)}")
     if self.matmul not in ("xla", "cpu_amx"):
-      raise PrecisionError(f"model.precision.matmul={self.matmul!r}: choose one of "
+      raise LayerConfigError(f"model.precision.matmul={self.matmul!r}: choose one of "
                            f"{', '.join(MATMUL_PATHS)} (build with Precision.resolve)")
 
   @classmethod
@@ -106,10 +105,10 @@ class Precision:
       backend: platform the model will run on; default ``jax.default_backend()``.
 
     Raises:
-      PrecisionError: for a value that is not one of the choices.
+      LayerConfigError: for a value that is not one of the choices.
     """
     if matmul not in MATMUL_PATHS:
-      raise PrecisionError(f"model.precision.matmul={matmul!r}: choose one of "
+      raise LayerConfigError(f"model.precision.matmul={matmul!r}: choose one of "
                            f"{', '.join(MATMUL_PATHS)}")
     if matmul == "auto":
       backend = jax.default_backend() if backend is None else backend
@@ -394,7 +393,7 @@ _POLICIES = {
 def check_remat(policy: str) -> str:
   """Validates a ``model.remat`` value."""
   if policy not in REMAT_POLICIES:
-    raise ValueError(f"model.remat={policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    raise LayerConfigError(f"model.remat={policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
   return policy
 
 

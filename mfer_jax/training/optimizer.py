@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
+from mfer_jax import errors
+from mfer_jax.constants import DTYPES
 
-MU_DTYPES = ("float32", "bfloat16")
+
+MU_DTYPES = DTYPES
 
 
 def learning_rate_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
@@ -34,7 +37,8 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
   """
   schedule = learning_rate_schedule(cfg, total_steps)
   if cfg.mu_dtype not in MU_DTYPES:
-    raise ValueError(f"train.mu_dtype={cfg.mu_dtype!r}: choose one of {', '.join(MU_DTYPES)}")
+    raise errors.UsageError(f"train.mu_dtype={cfg.mu_dtype!r}: choose one of "
+                            f"{', '.join(MU_DTYPES)}")
   # First moments in bf16 save a quarter of the optimizer state; second moments stay float32
   # (their small values underflow in bf16), as optax.adamw's mu_dtype does.
   mu_dtype = jnp.dtype(cfg.mu_dtype)
