@@ -71,6 +71,8 @@ def base_config() -> ConfigDict:
       "label_smoothing": 0.0,
       "class_weights": "none",    # none | inverse | inverse_sqrt (loss weights from counts)
       "log_every_steps": 50,
+      # "A:B" writes a jax.profiler trace of steps A..B-1 to <workdir>/profile; "" = off.
+      "profile_steps": "",
       "eval_every_steps": -1,     # -1: once per epoch
       "checkpoint_every_steps": 500,
       "keep_checkpoints": 3,      # newest N, plus the best by validation macro-F1

@@ -169,10 +169,15 @@ def replication_report(params: Any, shardings: Any, mesh: Mesh) -> ReplicationRe
     used = {a for entry in sh.spec if entry
             for a in ((entry,) if isinstance(entry, str) else entry)}
     if not used & big_axes:
-      name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-      replicated.append((name, nbytes))
+      replicated.append((_path_name(path), nbytes))
   replicated.sort(key=lambda x: -x[1])
   return ReplicationReport(total, tuple(replicated))
+
+
+def _path_name(path) -> str:
+  """'layers/0/blocks/1/attn/qkv/kernel' from a pytree key path (Variable wrappers dropped)."""
+  parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  return "/".join(p for p in parts if p not in ("value", ".value"))
 
 
 def replicated_fraction_limit(mesh: Mesh, configured: float) -> float | None:

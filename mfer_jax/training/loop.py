@@ -18,9 +18,10 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from mfer_jax import console, errors, evaluation, files, sharding
+from mfer_jax import accelerators, console, errors, evaluation, files, sharding
 from mfer_jax.data import pipeline, store
-from mfer_jax.training import checkpointing, init_files, observability, optimizer, state as state_lib
+from mfer_jax.training import checkpointing, init_files, observability, optimizer, performance
+from mfer_jax.training import state as state_lib
 from mfer_jax.training import step as step_lib
 
 
@@ -110,9 +111,42 @@ def evaluate(run: Run, params: Any, index: store.SplitIndex | None = None) -> di
       batch_sh = jax.tree.map(lambda x: x.sharding, batch)
       eval_step = step_lib.make_eval_step(run.spec, run.config, run.mesh, run.state_sh.params,
                                           batch_sh)
-    acc = eval_step(params, acc, batch)
+    with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
+      acc = eval_step(params, acc, batch)
   acc = jax.device_get(acc)
   return evaluation.summarize(acc["confusion"], acc["gate_sum"])
+
+
+def compile_train_step(run: Run, state: state_lib.TrainState, batch: dict[str, jax.Array],
+                       weights: np.ndarray) -> tuple[Any, float]:
+  """Compiles the train step ahead of time for ``batch``'s shapes.
+
+  Returns:
+    (the compiled step, model FLOPs per step per device). With remat on, the FLOPs are those
+    of the same step lowered without remat, so recomputation is not counted as useful work.
+  """
+  t0 = time.monotonic()
+  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+
+  def build(spec, config):
+    return step_lib.make_train_step(spec, run.tx, run.schedule, config, run.mesh, run.state_sh,
+                                    batch_sh, weights)
+
+  compiled = build(run.spec, run.config).lower(state, batch).compile()
+  if run.config.model.remat == "none":
+    flops = performance.cost_flops(compiled)
+  else:
+    plain = run.config.copy_and_resolve_references()
+    plain.model.remat = "none"
+    spec = state_lib.ModelSpec(plain.model, precision=run.spec.precision)
+    flops = performance.cost_flops(build(spec, plain).lower(state, batch)) / jax.device_count()
+  kind = jax.devices()[0].device_kind
+  acc = accelerators.for_device_kind(kind)
+  console.say(f"Compiled the train step in {time.monotonic() - t0:.1f} s: "
+              f"{flops / 1e12:.3f} TFLOP per step per device; "
+              + (f"MFU against {acc.label}'s {acc.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak"
+                 if acc else f"no MFU ({kind!r} is not in mfer_jax/accelerators.py)"))
+  return compiled, flops
 
 
 def _check_finite(state: state_lib.TrainState, run: Run) -> None:
@@ -159,35 +193,48 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
   weights = class_loss_weights(cfg, label, config.model.num_classes)
   writer = observability.MetricsWriter(run.workdir, resume_step=start)
   progress = observability.ProgressBar(run.total_steps, start)
+  profile = performance.ProfileWindow(cfg.profile_steps, run.workdir)
   sigterm = _SigtermFlag()
-  state, train_step, last_eval = run.state, None, None
+  state, train_step, timer, last_eval = run.state, None, None, None
   pending: list[dict[str, jax.Array]] = []
-  t_log = time.monotonic()
   console.say(f"Training steps {start}..{run.total_steps} ({run.steps_per_epoch} per epoch) "
               f"on mesh {dict(run.mesh.shape)}, workdir {run.workdir}")
   try:
     for step in range(start, run.total_steps):
+      t_wait = time.monotonic()
       local = next(run.train_iter)
       batch = pipeline.to_global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, run.mesh)
       if train_step is None:
-        batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-        train_step = step_lib.make_train_step(run.spec, run.tx, run.schedule, config, run.mesh,
-                                              run.state_sh, batch_sh, weights)
-      state, metrics = train_step(state, batch)
+        train_step, flops = compile_train_step(run, state, batch, weights)
+        timer = performance.StepTimer(flops, jax.devices()[0].device_kind)
+      else:
+        timer.add_wait(time.monotonic() - t_wait)
+      profile.before_step(step)
+      with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
+        state, metrics = train_step(state, batch)
+      timer.add_step()
+      profile.after_step(step, state)
       pending.append(metrics)
       done = step + 1
       last = done == run.total_steps
       if done % cfg.log_every_steps == 0 or last or sigterm.raised:
         fetched = jax.device_get(pending)
         _check_finite(state, run)
-        now = time.monotonic()
         row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
                if k != "examples"}
-        row["examples_per_second"] = sum(float(m["examples"]) for m in fetched) / (now - t_log)
+        row.update(timer.row())
+        row["examples_per_second"] = (sum(float(m["examples"]) for m in fetched)
+                                      / (row["step_time_s"] * len(fetched)))
         row["epoch"] = done / run.steps_per_epoch
         writer.write(done, row)
         progress.update(done, f"loss {row['loss']:.4f}")
-        pending, t_log = [], now
+        if row["data_wait_fraction"] > performance.INPUT_BOUND_FRACTION:
+          progress.warn_once(
+              "input_bound", f"input-bound: the loop waited for data "
+              f"{row['data_wait_fraction']:.0%} of the time (steps {done - len(fetched)}.."
+              f"{done}); raise data.num_workers or data.read_threads (bench/pipeline.py "
+              "measures the pipeline alone)")
+        pending = []
       eval_metrics = None
       if done % eval_every == 0 or last:
         _check_finite(state, run)
@@ -200,7 +247,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
         eval_metrics = {"macro_f1": last_eval["macro_f1"]}
         if config.data.sampling.adaptive_beta > 0:
           run.train_iter.set_class_f1(list(last_eval["per_class_f1"].values()))
-        t_log = time.monotonic()
+        timer.reset()
       if done % cfg.checkpoint_every_steps == 0 or eval_metrics or last or sigterm.raised:
         _check_finite(state, run)
         run.checkpointer.save(done, state, run.train_iter, metrics=eval_metrics,
@@ -210,6 +257,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
                     "command to resume.")
         break
   finally:
+    profile.stop(state)
     progress.close()
     sigterm.restore()
     run.checkpointer.close()
