@@ -24,11 +24,10 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mfer_jax import errors
+from mfer_jax import console, errors
 
 MESH_AXES = ("data", "fsdp", "model")
 
@@ -199,7 +198,7 @@ def check_replication(params: Any, shardings: Any, mesh: Mesh,
   report = replication_report(params, shardings, mesh)
   if mesh.shape.get("fsdp", 1) == 1 and mesh.shape.get("model", 1) == 1:
     return report  # data-parallel: every param is replicated by design
-  logging.info("Sharding: %s.", report.summary(top=20))
+  console.say(f"Sharding: {report.summary()}.")
   limit = replicated_fraction_limit(mesh, max_fraction)
   if limit is not None and report.fraction > limit:
     raise ShardingError(

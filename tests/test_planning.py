@@ -17,16 +17,22 @@ from mfer_jax.training import optimizer, state as state_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_fsdp_param_bytes_are_total_over_fsdp_plus_replicated():
-  """Per-device param bytes under fsdp 4: the sharded params' bytes / 4, plus every replicated
-  param whole, checked against the shards a device really holds."""
+@pytest.fixture(scope="module")
+def fsdp4():
+  """The tiny model on mesh (data 2, fsdp 4), fusion width 34 so that fsdp cannot split it."""
   config = tiny_config("")
-  config.model.fusion.update(dim=34, num_heads=2)  # 34 % 4 != 0: fusion widths replicate
+  config.model.fusion.update(dim=34, num_heads=2)
   mesh = planning.make_plan_mesh((2, 4, 1), jax.devices())
   spec = state_lib.ModelSpec(config.model)
   tx, _ = optimizer.make_optimizer(config.train, 10)
   state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules)
-  abstract = state_lib.abstract_state(state_sh, spec, tx)
+  return config, mesh, spec, state_sh, state_lib.abstract_state(state_sh, spec, tx)
+
+
+def test_fsdp_param_bytes_are_total_over_fsdp_plus_replicated(fsdp4):
+  """Per-device param bytes under fsdp 4: the sharded params' bytes / 4, plus every replicated
+  param whole, checked against the shards a device really holds."""
+  _, mesh, spec, state_sh, abstract = fsdp4
   report = sharding.replication_report(spec.abstract_params, state_sh.params, mesh)
 
   nbytes = lambda x: int(np.prod(x.shape)) * x.dtype.itemsize  # noqa: E731
@@ -50,6 +56,26 @@ def test_fsdp_param_bytes_are_total_over_fsdp_plus_replicated():
   assert on_device0 == want
   # Adam keeps two moments like the params, plus replicated scalars (counts).
   assert planning.per_device_bytes(abstract.opt_state) >= 2 * want
+
+
+def test_too_much_replication_is_an_error_naming_the_largest(fsdp4, capsys):
+  config, mesh, spec, state_sh, _ = fsdp4
+  report = sharding.replication_report(spec.abstract_params, state_sh.params, mesh)
+  assert report.fraction > 0.1  # the unsplittable fusion
+  with pytest.raises(sharding.ShardingError) as e:
+    sharding.check_replication(spec.abstract_params, state_sh.params, mesh)  # auto: 0.1
+  message = str(e.value)
+  assert "mesh.max_replicated_fraction=0.1" in message and "\n" not in message
+  assert report.replicated[0][0] in message  # the largest offender is named
+  # An explicit limit above the share passes, and the run says what stays replicated.
+  sharding.check_replication(spec.abstract_params, state_sh.params, mesh,
+                             max_fraction=report.fraction + 0.01)
+  assert "stay replicated on every device" in capsys.readouterr().err
+  # Data-parallel: replication is the design, nothing is checked.
+  dp = planning.make_plan_mesh((-1, 1, 1), jax.devices())
+  dp_sh = state_lib.state_shardings(spec, optimizer.make_optimizer(config.train, 10)[0], dp,
+                                    config.mesh.rules)
+  sharding.check_replication(spec.abstract_params, dp_sh.params, dp, max_fraction=0.0)
 
 
 def test_largest_batch_bisection():

@@ -39,6 +39,8 @@ _REMAT = flags.DEFINE_string("remat", "", "Remat policy of the planned step (non
                              "dots_saveable); default the config's model.remat.")
 _ACCELERATORS = flags.DEFINE_list("accelerators", [a.name for a in accelerators.ACCELERATORS],
                                   "Accelerators to tabulate.")
+_REMAT_TABLE = flags.DEFINE_list("remat_table", [], "Remat policies of the largest-batch "
+                                 "columns; default none and block (or the planned policy).")
 _EXACT = flags.DEFINE_boolean("exact", False, "Compile every batch the bisection tries.")
 _HEADROOM = flags.DEFINE_float("headroom", 0.9, "Usable fraction of device memory.")
 _JSON = flags.DEFINE_string("json", "", "Also write the plan as JSON to this file.")
@@ -48,6 +50,10 @@ MiB, GiB = 2**20, 2**30
 
 def _size(n: float) -> str:
   return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def _flops(n: float) -> str:
+  return f"{n / 1e12:.3f} TFLOP" if n >= 1e11 else f"{n / 1e9:.3f} GFLOP"
 
 
 def _accelerators() -> list[accelerators.Accelerator]:
@@ -77,8 +83,8 @@ def report(plan: planning.StepPlan, rows: list[planning.Fit], models, config_nam
       f"  temporaries      {_size(p.temp_bytes):>11}  XLA:CPU buffer assignment (an estimate "
       "for GPU/TPU)",
       f"  total            {_size(p.total_bytes):>11}",
-      f"FLOPs per step: {p.flops / 1e12:.3f} TFLOP per device, {p.flops * devices / 1e12:.2f} "
-      f"TFLOP in all (XLA cost analysis{', incl. remat recomputation' if p.remat != 'none' else ''})",
+      f"FLOPs per step: {_flops(p.flops)} per device, {_flops(p.flops * devices)} in all "
+      f"(XLA cost analysis{', incl. remat recomputation' if p.remat != 'none' else ''})",
   ]
   if p.mesh_shape.get("fsdp", 1) > 1 or p.mesh_shape.get("model", 1) > 1:
     lines.append(f"sharding: {p.replication.summary(top=3)}")
@@ -135,7 +141,10 @@ def main() -> None:
   global_batch = _BATCH.value or config.data.batch_size
   per_device = planning.check_batch(global_batch, mesh)
   planned_remat = planning.check_remat(_REMAT.value or config.model.remat)
-  policies = ["none", "block" if planned_remat == "none" else planned_remat]
+  policies = [planning.check_remat(r) for r in _REMAT_TABLE.value] or [
+      "none", "block" if planned_remat == "none" else planned_remat]
+  # The planned step's policy is compiled anyway, and "none" gives the model FLOPs.
+  policies = list(dict.fromkeys(["none", *policies, planned_remat]))
   dp = planning.data_parallel_size(mesh)
 
   def compile_at(remat):
