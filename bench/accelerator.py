@@ -148,8 +148,8 @@ def run_planner(config_arg: str, dry_run: bool, devices: int, accelerator) -> di
     plan = json.loads(out_json.read_text())
   name = next(iter(plan["accelerators"]))
   largest = plan["accelerators"][name]["largest_per_device_batch"]["none"]
-  _say(f"planner ({time.monotonic() - t0:.0f} s): {plan['per_device_bytes']['total'] / 2**30:.2f}"
-       f" GiB per device at {plan['per_device_batch']}/device; largest batch without remat on "
+  _say(f"planner ({time.monotonic() - t0:.0f} s): {_size(plan['per_device_bytes']['total'])} "
+       f"per device at {plan['per_device_batch']}/device; largest batch without remat on "
        f"{name}: {largest}/device")
   return {"largest_per_device_batch": largest, "plan": plan}
 
@@ -252,6 +252,10 @@ def run_timings(batch_size: int, dry_run: bool) -> list[dict]:
   return results
 
 
+def _size(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _table(results: list[dict], plan: dict | None) -> str:
   est = plan["plan"]["per_device_bytes"]["total"] if plan else None
   est_batch = plan["plan"]["per_device_batch"] if plan else None
@@ -263,8 +267,8 @@ def _table(results: list[dict], plan: dict | None) -> str:
       continue
     mem = r["peak_bytes_in_use"]
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
-    mem = "n/a" if mem is None else f"{mem / 2**30:.2f} GiB"
-    planned = (f"{est / 2**30:.2f} GiB at {est_batch}/device (XLA:CPU, config precision)"
+    mem = "n/a" if mem is None else _size(mem)
+    planned = (f"{_size(est)} at {est_batch}/device (XLA:CPU, config precision)"
                if est else "-")
     rows.append(f"| {r['variant']} | {r['compile_s']:.1f} s | {r['step_s'] * 1000:.0f} ms | "
                 f"{r['examples_per_s']:.1f} | {mfu} | {mem} | {planned} |")
