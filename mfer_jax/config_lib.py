@@ -21,10 +21,28 @@ def _encoder(in_chans: int) -> ConfigDict:
       "variant": "tiny",          # tiny | small | base | large | test sizes (models/swin.py)
       "img_size": (224, 224),     # encoder input (H, W); faces / mels are resized on device
       "window_size": 7,
-      "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = summed RGB kernel
+      "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = one grey channel
+                                  # (3-channel init files are folded in exactly)
       "drop_path_rate": 0.1,
       "init_file": "",            # params from `python -m mfer_jax.tools.convert` ('' = scratch)
   })
+
+
+def evaluator(split: str, every_steps: int = -1, max_examples: int = 0,
+              metrics: tuple[str, ...] = ("macro_f1", "accuracy")) -> ConfigDict:
+  """One ``config.evals`` entry.
+
+  Args:
+    split: the prepared split to evaluate (its frames with a label; -1 frames never count).
+    every_steps: evaluate every N train steps; -1: once per epoch. The last step is always
+      evaluated.
+    max_examples: 0 evaluates every labelled frame; N > 0 an evenly spaced subset of N (a
+      fixed subset, so evaluations of one run are comparable).
+    metrics: which numbers of the evaluation (macro_f1, accuracy) go to TensorBoard and the
+      console; the eval JSON always holds them all (per-class F1, confusion, gates).
+  """
+  return ConfigDict({"split": split, "every_steps": every_steps,
+                     "max_examples": max_examples, "metrics": tuple(metrics)})
 
 
 def base_config() -> ConfigDict:
@@ -73,12 +91,18 @@ def base_config() -> ConfigDict:
       "log_every_steps": 50,
       # "A:B" writes a jax.profiler trace of steps A..B-1 to <workdir>/profile; "" = off.
       "profile_steps": "",
-      "eval_every_steps": -1,     # -1: once per epoch
       "checkpoint_every_steps": 500,
-      "keep_checkpoints": 3,      # newest N, plus the best by validation macro-F1
+      "keep_checkpoints": 3,      # newest N, plus the best by the primary eval's macro-F1
       "async_checkpointing": True,
-      "eval_split": "validation",
+      # The `evals` entry whose macro-F1 picks the best checkpoint, feeds
+      # data.sampling.adaptive_beta, is printed as the run's result and goes to eval/<step>.json
+      # (other entries write eval/<name>/<step>.json); --mode=eval runs only this one.
+      "primary_eval": "validation",
   })
+  # Evaluators, built once per run (mfer_jax/training/evaluator.py), as big_vision's
+  # config.evals. Add more in a config file, e.g. train-subset F1 to watch memorisation:
+  #   c.evals.train_subset = config_lib.evaluator("train", max_examples=2048)
+  c.evals = ConfigDict({"validation": evaluator("validation")})
   c.mesh = ConfigDict({
       "shape": (-1, 1, 1),        # over axes; -1 takes the remaining devices
       "axes": sharding.MESH_AXES,

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from mfer_jax import accelerators, errors, sharding

@@ -5,6 +5,13 @@ import os
 # Must happen before jax is imported anywhere: sharding tests need 8 CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU aborts the process when a device waits more than 40 s for the others at a
+# collective. The 8 fake devices are threads sharing the machine's cores, so on a loaded
+# machine one of them can lag that long and an innocent eval step dies. Raise the limit (the
+# Makefile's `make test` sets the same); the subprocesses tests start inherit it.
+_COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+if "collective_call_terminate_timeout" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + _COLLECTIVE_TIMEOUT
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 

@@ -88,7 +88,6 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     correct = jnp.sum((out["logits"].argmax(-1) == labels) * micro["mask"])
     return loss_sum, (weight_sum, correct)
 
-  grad_fn = jax.grad(micro_loss, has_aux=True)
   value_grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
@@ -141,6 +140,9 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
                    batch_sh: dict[str, Any]) -> MeshJit:
   """Builds ``eval_step(params, acc, batch) -> acc`` that accumulates on device.
 
+  Build it once per run and evaluation (`mfer_jax.training.evaluator.Evaluator` does): each
+  build is a new jitted function and traces again. ``eval_step.traces()`` counts the traces.
+
   ``acc`` holds the confusion matrix [C, C] (rows true, columns predicted) and per-class sums
   of the modality gates [C, 2]; masked (padding) rows add nothing. Accumulating on device
   keeps per-batch host transfers out of evaluation, and the result is already the global sum
@@ -148,8 +150,10 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
   """
   num_classes = cfg.model.num_classes
   replicated = NamedSharding(mesh, P())
+  traces = [0]
 
   def eval_step(params, acc, batch):
+    traces[0] += 1   # a Python side effect: runs once per trace, never per call
     model = spec.merge(params)
     out = model(batch["face"], batch["mel"], batch["has_face"])
     valid = batch["mask"] & (batch["label"] >= 0)
@@ -161,7 +165,9 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
   acc_sh = {"confusion": replicated, "gate_sum": replicated}
   jitted = jax.jit(eval_step, in_shardings=(param_sh, acc_sh, batch_sh), out_shardings=acc_sh,
                    donate_argnums=1)
-  return MeshJit(jitted, mesh, cfg.mesh.rules)
+  run = MeshJit(jitted, mesh, cfg.mesh.rules)
+  run.traces = lambda: traces[0]   # how often it was traced (tests: once per run)
+  return run
 
 
 def empty_eval_accumulator(num_classes: int, mesh: Mesh) -> dict[str, jax.Array]:
