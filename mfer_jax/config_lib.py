@@ -51,7 +51,14 @@ def base_config() -> ConfigDict:
   c.seed = 0
   c.model = ConfigDict({
       "num_classes": 8,
-      "dtype": "float32",         # compute dtype: float32 | bfloat16 (params stay float32)
+      # The precision policy of every layer (mfer_jax/models/layers.py, docs/scaling.md).
+      "precision": {
+          "compute_dtype": "float32",  # matmul operands: float32 | bfloat16 (f32 accumulate)
+          "param_dtype": "float32",    # param storage: float32 | bfloat16
+          "matmul": "auto",            # xla | cpu_amx | auto (cpu_amx on the CPU backend)
+      },
+      # jax.checkpoint per Swin and fusion block: none | block | dots_saveable.
+      "remat": "none",
       "modality_dropout": 0.1,    # chance of blanking one modality of a training example
       "image": _encoder(3),
       "audio": _encoder(3),
@@ -76,11 +83,14 @@ def base_config() -> ConfigDict:
       "weight_decay": 0.05,
       "b1": 0.9,
       "b2": 0.999,
+      "mu_dtype": "float32",      # Adam first moments: float32 | bfloat16 (optax mu_dtype)
       "grad_clip_norm": 1.0,      # 0 disables clipping
       "grad_accum_steps": 1,      # microbatches per step (same global batch, less memory)
       "label_smoothing": 0.0,
       "class_weights": "none",    # none | inverse | inverse_sqrt (loss weights from counts)
       "log_every_steps": 50,
+      # "A:B" writes a jax.profiler trace of steps A..B-1 to <workdir>/profile; "" = off.
+      "profile_steps": "",
       "checkpoint_every_steps": 500,
       "keep_checkpoints": 3,      # newest N, plus the best by the primary eval's macro-F1
       "async_checkpointing": True,
@@ -97,6 +107,9 @@ def base_config() -> ConfigDict:
       "shape": (-1, 1, 1),        # over axes; -1 takes the remaining devices
       "axes": sharding.MESH_AXES,
       "rules": sharding.DEFAULT_RULES,
+      # Largest share of param bytes allowed to stay replicated on every device (a mesh axis
+      # that does not divide a width leaves it replicated); -1 = 0.1 when fsdp > 1, else off.
+      "max_replicated_fraction": -1.0,
   })
   return c
 
@@ -126,7 +139,7 @@ def _seed(c: ConfigDict, value: str) -> None:
 def _dtype(c: ConfigDict, value: str) -> None:
   if value not in DTYPES:
     raise ValueError(f"dtype={value!r}: choose one of {DTYPES}")
-  c.model.dtype = value
+  c.model.precision.compute_dtype = value
 
 
 VARIANT_KEYS: dict[str, Callable[[ConfigDict, str], None]] = {

@@ -54,8 +54,11 @@ def tiny_data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data_dir, tmp_path_factory):
   """One finished 12-step tiny training run (evals at steps 6 and 12), shared by the tools'
-  tests (report, predict), so the suite trains it once."""
+  tests (report, predict, performance metrics), so the suite trains it once. It also traces
+  steps 3 and 4 with the profiler (train.profile_steps)."""
   from mfer_jax.training import loop  # pylint: disable=g-import-not-at-top
   run = tmp_path_factory.mktemp("tiny_run")
-  loop.train_and_evaluate(tiny_config(tiny_data_dir), str(run))
+  config = tiny_config(tiny_data_dir)
+  config.train.profile_steps = "3:5"
+  loop.train_and_evaluate(config, str(run))
   return run

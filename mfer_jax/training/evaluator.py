@@ -125,7 +125,9 @@ class Evaluator:
     return self._step
 
   def _accumulate(self, params: Any, acc: Any, batch: Mapping[str, jax.Array]) -> Any:
-    return self._eval_step(batch)(params, acc, batch)
+    step = self._eval_step(batch)
+    with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
+      return step(params, acc, batch)
 
   def _summarize(self, acc: Any) -> dict[str, Any]:
     acc = jax.device_get(acc)

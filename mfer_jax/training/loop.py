@@ -27,10 +27,10 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from mfer_jax import console, errors, evaluation, files, sharding
+from mfer_jax import accelerators, console, errors, evaluation, files, sharding
 from mfer_jax.data import pipeline, sources
 from mfer_jax.training import checkpointing, evaluator as evaluator_lib, init_files
-from mfer_jax.training import observability, optimizer, preemption, run_status
+from mfer_jax.training import observability, optimizer, performance, preemption, run_status
 from mfer_jax.training import state as state_lib
 from mfer_jax.training import step as step_lib
 
@@ -120,6 +120,38 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
     state = init_files.apply_init_files(config, spec, state)
   return Run(config, workdir, mesh, spec, tx, schedule, state, state_sh, total_steps,
              steps_per_epoch, train_iter, weights, evaluators, checkpointer)
+
+
+def compile_train_step(run: Run, state: state_lib.TrainState, batch: dict[str, jax.Array],
+                       weights: np.ndarray) -> tuple[Any, float]:
+  """Compiles the train step ahead of time for ``batch``'s shapes.
+
+  Returns:
+    (the compiled step, model FLOPs per step per device). With remat on, the FLOPs are those
+    of the same step lowered without remat, so recomputation is not counted as useful work.
+  """
+  t0 = time.monotonic()
+  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+
+  def build(spec, config):
+    return step_lib.make_train_step(spec, run.tx, run.schedule, config, run.mesh, run.state_sh,
+                                    batch_sh, weights)
+
+  compiled = build(run.spec, run.config).lower(state, batch).compile()
+  if run.config.model.remat == "none":
+    flops = performance.cost_flops(compiled)
+  else:
+    plain = run.config.copy_and_resolve_references()
+    plain.model.remat = "none"
+    spec = state_lib.ModelSpec(plain.model, precision=run.spec.precision)
+    flops = performance.cost_flops(build(spec, plain).lower(state, batch)) / jax.device_count()
+  kind = jax.devices()[0].device_kind
+  acc = accelerators.for_device_kind(kind)
+  console.say(f"Compiled the train step in {time.monotonic() - t0:.1f} s: "
+              f"{flops / 1e12:.3f} TFLOP per step per device; "
+              + (f"MFU against {acc.label}'s {acc.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak"
+                 if acc else f"no MFU ({kind!r} is not in mfer_jax/accelerators.py)"))
+  return compiled, flops
 
 
 def _check_finite(state: state_lib.TrainState, run: Run) -> None:
@@ -247,36 +279,49 @@ def _train(run: Run, stop: preemption.StopRequest) -> dict[str, Any]:
 def _train_steps(run: Run, state: state_lib.TrainState, start: int,
                  writer: observability.MetricsWriter,
                  stop: preemption.StopRequest) -> dict[str, Any]:
-  config, cfg = run.config, run.config.train
+  cfg = run.config.train
   progress = observability.ProgressBar(run.total_steps, start)
-  train_step = None
+  profile = performance.ProfileWindow(cfg.profile_steps, run.workdir)
+  train_step, timer = None, None
   pending: list[dict[str, jax.Array]] = []
-  t_log = time.monotonic()
   console.say(f"Training steps {start}..{run.total_steps} ({run.steps_per_epoch} per epoch) "
               f"on mesh {dict(run.mesh.shape)}, workdir {run.workdir}")
   try:
     for step in range(start, run.total_steps):
+      t_wait = time.monotonic()
       local = next(run.train_iter)
       batch = pipeline.to_global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, run.mesh)
       if train_step is None:
-        batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-        train_step = step_lib.make_train_step(run.spec, run.tx, run.schedule, config, run.mesh,
-                                              run.state_sh, batch_sh, run.class_weights)
-      state, metrics = train_step(state, batch)
+        train_step, flops = compile_train_step(run, state, batch, run.class_weights)
+        timer = performance.StepTimer(flops, jax.devices()[0].device_kind)
+      else:
+        timer.add_wait(time.monotonic() - t_wait)
+      profile.before_step(step)
+      with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
+        state, metrics = train_step(state, batch)
+      timer.add_step()
+      profile.after_step(step, state)
       pending.append(metrics)
       done = step + 1
       last = done == run.total_steps
       if done % cfg.log_every_steps == 0 or last or stop.requested:
         fetched = jax.device_get(pending)
         _check_finite(state, run)
-        now = time.monotonic()
         row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
                if k != "examples"}
-        row["examples_per_second"] = sum(float(m["examples"]) for m in fetched) / (now - t_log)
+        row.update(timer.row())
+        row["examples_per_second"] = (sum(float(m["examples"]) for m in fetched)
+                                      / (row["step_time_s"] * len(fetched)))
         row["epoch"] = done / run.steps_per_epoch
         writer.write(done, row)
         progress.update(done, f"loss {row['loss']:.4f}")
-        pending, t_log = [], now
+        if row["data_wait_fraction"] > performance.INPUT_BOUND_FRACTION:
+          progress.warn_once(
+              "input_bound", f"input-bound: the loop waited for data "
+              f"{row['data_wait_fraction']:.0%} of the time (steps {done - len(fetched)}.."
+              f"{done}); raise data.num_workers or data.read_threads (bench/pipeline.py "
+              "measures the pipeline alone)")
+        pending = []
       due = [] if stop.requested else [
           n for n, e in run.evaluators.items()
           if e.spec.due(done, run.steps_per_epoch, run.total_steps)]
@@ -287,7 +332,7 @@ def _train_steps(run: Run, state: state_lib.TrainState, start: int,
           result = _evaluate(run, state, done, due, writer, stop)
         except _Stopped:
           raise _preempt(run, done, stop) from None
-        t_log = time.monotonic()
+        timer.reset()   # evaluation time is neither data wait nor compute
       if (done % cfg.checkpoint_every_steps == 0 or due or last or stop.requested):
         _check_finite(state, run)
         run.checkpointer.save(done, state, run.train_iter, force=stop.requested,
@@ -297,6 +342,7 @@ def _train_steps(run: Run, state: state_lib.TrainState, start: int,
       if stop.requested:
         raise _preempt(run, done, stop)
   finally:
+    profile.stop(state)
     progress.close()
   raise AssertionError("unreachable: the loop returns at its last step")
 
