@@ -32,7 +32,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # torch is only the reference for weight-import parity tests; 2.13.0 is a CPU wheel on
     # this machine's disk (a looser pin would pull a multi-GB CUDA build).
-    "test": ["pytest>=8", "torch==2.13.0", "timm~=1.0.31"],
+    # transformers: the wav2vec 2.0 / HuBERT parity reference (mfer_jax/testing/hf_reference.py).
+    "test": ["pytest>=8", "torch==2.13.0", "timm~=1.0.31", "transformers~=5.24.0"],
 }
 
 setuptools.setup(
