@@ -143,7 +143,7 @@ def describe_source(sd: Params) -> str:
   scaled = any(".ls1." in k for k in keys)
   pre = any(k.startswith("norm_pre.") for k in keys)
   for name, (timm_name, _) in vit.VARIANTS.items():
-    c = vit.vit_config(name, img_size=(p * 2, p * 2))
+    c = vit.vit_config(name)   # 224 px: every variant's patch divides it
     if (c.embed_dim, c.depth, c.patch_size, c.reg_tokens, bool(c.layer_scale), c.pre_norm) == (
         embed, depth, p, reg, scaled, pre):
       return f"the checkpoint looks like {name} ({timm_name})"
