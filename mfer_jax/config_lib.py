@@ -18,11 +18,18 @@ from mfer_jax.constants import DTYPES, FUSION_VARIANTS, SAMPLING_MODES
 
 def _encoder(in_chans: int) -> ConfigDict:
   return ConfigDict({
-      "variant": "tiny",          # tiny | small | base | large | test sizes (models/swin.py)
+      # swin | vit (faces or the log-mel image); audio also wav2vec2 | hubert (raw waveform:
+      # cached features via data.features_dir, and prediction). models/encoders.py.
+      "family": "swin",
+      "variant": "tiny",          # swin: tiny | small | base | large | test (models/swin.py);
+                                  # vit: dinov2_s14_reg, mae_b16, clip_b16, ... (models/vit.py);
+                                  # wav2vec2 / hubert: base | large | ... (models/wav2vec2.py)
       "img_size": (224, 224),     # encoder input (H, W); faces / mels are resized on device
-      "window_size": 7,
+      "window_size": 7,           # swin only
       "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = summed RGB kernel
       "drop_path_rate": 0.1,
+      "pool": "",                 # vit: token | avg; '' = the variant's own (DINOv2, CLIP:
+                                  # class token; MAE: mean of the patch tokens)
       "init_file": "",            # params from `python -m mfer_jax.tools.convert` ('' = scratch)
   })
 
@@ -48,6 +55,19 @@ def base_config() -> ConfigDict:
       },
   })
   c.data = data_config.default_data_config()
+  # Cached encoder features (`python -m mfer_jax.tools.extract`, mfer_jax/features.py): how
+  # they are made. Training with data.features_dir checks the cache was made with these values
+  # and the encoders and init files of config.model.
+  c.features = ConfigDict({
+      "dtype": "float16",         # storage: float16 | bfloat16
+      "batch_size": 64,           # frames (or audio chunks) per encoder call, over all devices
+      "audio_normalize": True,    # wav2vec2/hubert: zero mean, unit variance per track (as HF's
+                                  # feature extractor does per utterance)
+      "audio_pool_seconds": 0.1,  # wav2vec2/hubert: mean of the 20 ms frames within this span
+                                  # centred on the video frame's time t = (i - 1) / fps
+      "audio_chunk_seconds": 10.0,  # wav2vec2/hubert: the track runs in chunks this long ...
+      "audio_context_seconds": 2.0,  # ... each seeing this much more audio on both sides
+  })
   c.train = ConfigDict({
       "num_epochs": 20,           # epochs of data.sampling.epoch_size examples
       "max_steps": -1,            # > 0 caps the run (smoke tests)

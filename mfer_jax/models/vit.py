@@ -41,6 +41,11 @@ from mfer_jax.models import layers_compat as layers
 from mfer_jax.models.layers_compat import FLOAT32, Precision
 
 POOLS = ("token", "avg")
+# Per-channel (mean, std) of the pixels in [0, 1] each family was pretrained with.
+INPUT_STATS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
 
 # name -> (timm model it matches, architecture). Face crops are 112 px, so the default input
 # is 224 (the faces are upsampled, as the pretrained models saw 224-px images); img_size is
@@ -48,7 +53,7 @@ POOLS = ("token", "avg")
 _DINOV2 = dict(patch_size=14, layer_scale=1e-5, ln_eps=1e-6, pool="token")
 _REG4 = dict(_DINOV2, reg_tokens=4, no_embed_class=True)
 _CLIP = dict(patch_size=16, pre_norm=True, ln_eps=1e-5, activation="quick_gelu",
-             pool="token")
+             pool="token", input_stats="clip")
 _PLAIN = dict(patch_size=16, ln_eps=1e-6, pool="token")
 _SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -95,6 +100,7 @@ class ViTConfig:
     ln_eps: LayerNorm epsilon of every norm.
     activation: feed-forward activation, a key of `layers.ACTIVATIONS`.
     pool: pooled feature: "token" (the class token) or "avg" (mean of the patch tokens).
+    input_stats: the `INPUT_STATS` the images are normalised with ("clip" for CLIP).
     drop_path_rate: stochastic depth of the last block (linear from 0, as timm).
     variant: the `VARIANTS` name ("" for a custom architecture).
     timm_name: the timm model the variant matches (for messages).
@@ -115,6 +121,7 @@ class ViTConfig:
   ln_eps: float = 1e-6
   activation: str = "gelu"
   pool: str = "token"
+  input_stats: str = "imagenet"
   drop_path_rate: float = 0.0
   variant: str = ""
   timm_name: str = ""
@@ -128,6 +135,9 @@ class ViTConfig:
                        f"{self.patch_size * (224 // self.patch_size)}")
     if self.pool not in POOLS:
       raise ValueError(f"ViT pool {self.pool!r}: choose one of {POOLS}")
+    if self.input_stats not in INPUT_STATS:
+      raise ValueError(f"ViT input_stats {self.input_stats!r}: choose one of "
+                       f"{', '.join(INPUT_STATS)}")
     if self.activation not in layers.ACTIVATIONS:
       raise ValueError(f"ViT activation {self.activation!r}: choose one of "
                        f"{', '.join(layers.ACTIVATIONS)}")

@@ -74,7 +74,8 @@ class Predictor:
     self.face_size = int(self.config.data.face_size)
     self.num_classes = int(self.config.model.num_classes)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    spec = state_lib.ModelSpec(self.config.model)
+    spec = state_lib.ModelSpec(self.config.model,
+                               from_features=bool(self.config.data.features_dir))
     tx, _ = optimizer.make_optimizer(self.config.train, 1)
     shardings = state_lib.state_shardings(spec, tx, mesh, self.config.mesh.rules)
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)

@@ -83,7 +83,7 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   if config.train.max_steps > 0:
     total_steps = min(total_steps, config.train.max_steps)
   tx, schedule = optimizer.make_optimizer(config.train, total_steps)
-  spec = state_lib.ModelSpec(config.model)
+  spec = state_lib.ModelSpec(config.model, from_features=bool(config.data.features_dir))
   state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                             async_save=config.train.async_checkpointing)

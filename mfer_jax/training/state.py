@@ -45,11 +45,15 @@ class TrainState:
 class ModelSpec:
   """The static half of the model (graph definition) plus its non-param variables.
 
-  ``merge(params)`` rebuilds a callable model inside jit.
+  ``merge(params)`` rebuilds a callable model inside jit. ``from_features``: the model of a
+  feature-cache run (``data.features_dir``), fusion and head only.
   """
 
-  def __init__(self, model_cfg: ConfigDict):
-    abstract = nnx.eval_shape(lambda: ExpressionModel(model_cfg, rngs=nnx.Rngs(0)))
+  def __init__(self, model_cfg: ConfigDict, from_features: bool = False):
+    self.model_cfg = model_cfg
+    self.from_features = bool(from_features)
+    abstract = nnx.eval_shape(lambda: ExpressionModel(model_cfg, rngs=nnx.Rngs(0),
+                                                      from_features=self.from_features))
     self.graphdef, self.abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(abstract_rest):
       raise ValueError("the model has non-Param variables; they must be part of TrainState")
@@ -59,8 +63,8 @@ class ModelSpec:
     return nnx.merge(self.graphdef, params, self.rest)
 
 
-def _init_params(model_cfg: ConfigDict, key: jax.Array):
-  model = ExpressionModel(model_cfg, rngs=nnx.Rngs(params=key))
+def _init_params(model_cfg: ConfigDict, key: jax.Array, from_features: bool = False):
+  model = ExpressionModel(model_cfg, rngs=nnx.Rngs(params=key), from_features=from_features)
   return nnx.state(model, nnx.Param)
 
 
@@ -95,7 +99,7 @@ def create_train_state(config: ConfigDict, spec: ModelSpec, tx: optax.GradientTr
   param_key, rng = jax.random.split(seed_key)
 
   def init(param_key, rng):
-    params = _init_params(config.model, param_key)
+    params = _init_params(config.model, param_key, spec.from_features)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=rng, bad_step=jnp.full((), -1, jnp.int32))
 
