@@ -76,6 +76,8 @@ def base_config() -> ConfigDict:
       "warmup_steps": 1000,
       "final_lr_ratio": 0.01,     # cosine decays to learning_rate * final_lr_ratio
       "weight_decay": 0.05,
+      "layer_decay": 1.0,         # encoder block l of L: lr * layer_decay ** (L + 1 - l);
+                                  # 1 = off; 0.65-0.75 fine-tunes ViTs (training/layer_decay.py)
       "b1": 0.9,
       "b2": 0.999,
       "grad_clip_norm": 1.0,      # 0 disables clipping
@@ -125,7 +127,37 @@ def _dtype(c: ConfigDict, value: str) -> None:
   c.model.dtype = value
 
 
+_SWIN_NAMES = {"swin_t": "tiny", "swin_s": "small", "swin_b": "base", "swin_l": "large"}
+
+
+def _encoder_choice(enc: ConfigDict, value: str, key: str, waveform: bool) -> None:
+  """Sets family, variant and input size of an encoder from one name (swin_t, vit_b16, ...)."""
+  from mfer_jax.models import vit, wav2vec2  # pylint: disable=g-import-not-at-top
+  family, _, rest = value.partition("_")
+  if value in _SWIN_NAMES:
+    enc.update(family="swin", variant=_SWIN_NAMES[value], img_size=(224, 224))
+  elif value in vit.VARIANTS and value != "test":
+    enc.update(family="vit", variant=value, img_size=(224, 224), window_size=7)
+  elif waveform and (family, rest) in wav2vec2.VARIANTS and not rest.startswith("test"):
+    enc.update(family=family, variant=rest)
+  else:
+    choices = list(_SWIN_NAMES) + [v for v in vit.VARIANTS if v != "test"]
+    if waveform:
+      choices += [f"{f}_{v}" for f, v in wav2vec2.VARIANTS if not v.startswith("test")]
+    raise ValueError(f"{key}={value!r}: choose one of {', '.join(choices)}")
+
+
+def _image(c: ConfigDict, value: str) -> None:
+  _encoder_choice(c.model.image, value, "image", waveform=False)
+
+
+def _audio(c: ConfigDict, value: str) -> None:
+  _encoder_choice(c.model.audio, value, "audio", waveform=True)
+
+
 VARIANT_KEYS: dict[str, Callable[[ConfigDict, str], None]] = {
+    "image": _image,
+    "audio": _audio,
     "fusion": _fusion,
     "sampling": _sampling,
     "size": _size,

@@ -69,6 +69,16 @@ def write_run_files(config: ConfigDict, workdir: pathlib.Path,
     files.atomic_write_json(workdir / "features.json", train_index.features)
 
 
+def _check_feature_cache(config: ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses a cache made with other encoders, weights or parameters than the config names,
+  and keeps what made it beside the run (prediction checks the encoders against it)."""
+  from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
+  meta = cache.check_config(config)
+  if jax.process_index() == 0:
+    files.atomic_write_json(workdir / "feature_cache.json",
+                            {k: meta[k] for k in ("spec", "spec_hash", "weights", "dims")})
+
+
 def build_run(config: ConfigDict, workdir: str) -> Run:
   """Builds mesh, data, state (restored or initialised) and the checkpointer."""
   workdir = pathlib.Path(workdir)
@@ -76,6 +86,8 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   train_index = store.load_split(config.data.data_dir, "train")
   write_run_files(config, workdir, train_index)
+  if config.data.features_dir:
+    _check_feature_cache(config, workdir)
   eval_index = store.load_split(config.data.data_dir, config.train.eval_split)
   train_iter = pipeline.make_train_iterator(config.data, train_index)
   steps_per_epoch = train_iter.steps_per_epoch

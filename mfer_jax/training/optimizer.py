@@ -6,6 +6,8 @@ import jax
 import optax
 from ml_collections import ConfigDict
 
+from mfer_jax.training import layer_decay
+
 
 def learning_rate_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup to ``cfg.learning_rate``, then cosine decay to ``lr * final_lr_ratio``."""
@@ -22,7 +24,7 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
 
   Args:
     cfg: ``config.train``: optimizer, learning_rate, warmup_steps, final_lr_ratio,
-      weight_decay, b1, b2, grad_clip_norm.
+      weight_decay, b1, b2, grad_clip_norm, layer_decay (`mfer_jax.training.layer_decay`).
     total_steps: optimizer steps of the whole run (for the cosine decay).
 
   Returns:
@@ -41,6 +43,11 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
               optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)]
   else:
     raise ValueError(f"train.optimizer {cfg.optimizer!r}: choose 'adamw' or 'adam'")
+  decay = float(cfg.get("layer_decay", 1.0))
+  if not 0.0 < decay <= 1.0:
+    raise ValueError(f"train.layer_decay={decay}: choose a value in (0, 1] (1 = off)")
+  if decay != 1.0:
+    parts.append(layer_decay.scale_by_layer(decay))
   return optax.chain(*parts), schedule
 
 
