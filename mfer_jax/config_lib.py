@@ -26,7 +26,8 @@ def _encoder(in_chans: int) -> ConfigDict:
                                   # wav2vec2 / hubert: base | large | ... (models/wav2vec2.py)
       "img_size": (224, 224),     # encoder input (H, W); faces / mels are resized on device
       "window_size": 7,           # swin only
-      "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = summed RGB kernel
+      "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = one grey channel
+                                  # (3-channel Swin init files are folded in exactly)
       "drop_path_rate": 0.1,
       "pool": "",                 # vit: token | avg; '' = the variant's own (DINOv2, CLIP:
                                   # class token; MAE: mean of the patch tokens)

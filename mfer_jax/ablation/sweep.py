@@ -26,6 +26,7 @@ Outputs in DIR: ``ablation.md`` and ``ablation.csv`` (macro-F1 and accuracy per 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import pathlib
 import signal

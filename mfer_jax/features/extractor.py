@@ -114,11 +114,11 @@ class FeatureExtractor:
 
   def _image_input(self, faces: jax.Array) -> jax.Array:
     return model_lib.face_to_input(faces, self.image_arch.img_size,
-                                   *model_lib.input_stats(self.image_arch))
+                                   model_lib.input_stats(self.image_arch))
 
   def _mel_input(self, mels: jax.Array) -> jax.Array:
     return model_lib.mel_to_input(mels, self.audio_arch.img_size, self.audio_arch.in_chans,
-                                  *model_lib.input_stats(self.audio_arch))
+                                  model_lib.input_stats(self.audio_arch))
 
   @staticmethod
   def _waveform_input(wave: jax.Array) -> jax.Array:

@@ -20,50 +20,54 @@ from ml_collections import ConfigDict
 
 from mfer_jax.models import encoders
 from mfer_jax.models import fusion as fusion_lib
+from mfer_jax.models import normalisation
 from mfer_jax.models import swin
 from mfer_jax.models import vit
 from mfer_jax.models.layers_compat import Precision
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _normalise(x: jax.Array, channels: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
-  """Per-channel mean/std; a 1-channel input uses the channel means, matching a summed kernel."""
-  mean, std = jnp.asarray(mean), jnp.asarray(std)
-  if channels == 1:
-    mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
-  return (x - mean) / std
+def _normalise(x: jax.Array, channels: int, stats=None) -> jax.Array:
+  """Per-channel (mean, std): ``stats`` (an encoder family's own, see `input_stats`), by
+  default ImageNet's for 3 channels and one grey mean/std for 1 (`models.normalisation`);
+  1 channel with ``stats`` uses their averages, as the grey statistics do ImageNet's."""
+  if stats is None:
+    mean, std = normalisation.input_stats(channels)
+  else:
+    mean, std = stats
+    if channels == 1:
+      mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+  return (x - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-def input_stats(arch) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """(mean, std) an image encoder's pixels in [0, 1] are normalised with."""
-  if isinstance(arch, vit.ViTConfig):
+def input_stats(arch) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """The pixel statistics an encoder family was pretrained with; None: ImageNet's default."""
+  if isinstance(arch, vit.ViTConfig) and arch.input_stats != "imagenet":
     return vit.INPUT_STATS[arch.input_stats]
-  return IMAGENET_MEAN, IMAGENET_STD
+  return None
 
 
-def face_to_input(face: jax.Array, size: tuple[int, int], mean=IMAGENET_MEAN,
-                  std=IMAGENET_STD) -> jax.Array:
+def face_to_input(face: jax.Array, size: tuple[int, int], stats=None) -> jax.Array:
   """uint8 RGB faces [B, h, w, 3] -> normalised float32 [B, H, W, 3] at the encoder size."""
   x = face.astype(jnp.float32) / 255.0
   if x.shape[1:3] != tuple(size):
     x = jax.image.resize(x, (x.shape[0], *size, 3), method="bilinear")
-  return _normalise(x, 3, mean, std)
+  return _normalise(x, 3, stats)
 
 
-def mel_to_input(mel: jax.Array, size: tuple[int, int], channels: int, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD) -> jax.Array:
+def mel_to_input(mel: jax.Array, size: tuple[int, int], channels: int,
+                 stats=None) -> jax.Array:
   """uint8 log-mel [B, n_mels, T] -> normalised float32 [B, H, W, channels].
 
   Mel bins run along the image height and time along the width, like the authors' rendered
-  spectrogram images; ``channels=3`` repeats the map as they did.
+  spectrogram images; ``channels=3`` repeats the map as they did, ``channels=1`` feeds it once
+  (a 3-channel init file is folded into it exactly, see `models.normalisation`).
   """
   x = mel.astype(jnp.float32)[..., None] / 255.0
   if x.shape[1:3] != tuple(size):
     x = jax.image.resize(x, (x.shape[0], *size, 1), method="bilinear")
-  return _normalise(jnp.repeat(x, channels, axis=-1), channels, mean, std)
+  return _normalise(jnp.repeat(x, channels, axis=-1), channels, stats)
 
 
 def encoder_config(cfg: ConfigDict, in_chans: int) -> swin.SwinConfig:
@@ -169,12 +173,12 @@ class ExpressionModel(nnx.Module):
       v_tokens = self._feature_tokens(face) if self._use[0] else None
       a_tokens = self._feature_tokens(mel) if self._use[1] else None
     if self.image_encoder is not None:
-      grid, _ = self.image_encoder(face_to_input(face, self.image_size, *self.image_stats),
+      grid, _ = self.image_encoder(face_to_input(face, self.image_size, self.image_stats),
                                    rngs=rngs)
       v_tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
     if self.audio_encoder is not None:
       grid, _ = self.audio_encoder(
-          mel_to_input(mel, self.audio_size, self.audio_chans, *self.audio_stats), rngs=rngs)
+          mel_to_input(mel, self.audio_size, self.audio_chans, self.audio_stats), rngs=rngs)
       a_tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
     logits, gates = self.fusion(v_tokens, a_tokens, avail, rngs=rngs)
     return {"logits": logits, "gates": gates}

@@ -51,7 +51,9 @@ _VARIANT = flags.DEFINE_string(
 _IMG_SIZE = flags.DEFINE_list("img_size", ["224", "224"], "Target input H,W (swin, vit).")
 _WINDOW = flags.DEFINE_integer("window", 7, "Target attention window size (swin).")
 _IN_CHANS = flags.DEFINE_integer("in_chans", 3,
-                                 "Target input channels (swin: 1 sums the RGB patch kernel).")
+                                 "Target input channels (swin: 1 folds the RGB patch embedding "
+                                 "exactly into one grey channel, see "
+                                 "mfer_jax/models/normalisation.py).")
 
 
 def _known(family: str) -> list[str]:
