@@ -35,8 +35,9 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
+
+from mfer_jax import cli
 
 _ONLY = flags.DEFINE_list("only", ["vit", "w2v", "head"], "benchmarks to run")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "alternating timing rounds")
@@ -301,8 +302,7 @@ def _run_bench(bench: str, d: str) -> list[str]:
   return rows
 
 
-def main(argv):
-  del argv
+def main() -> None:
   if _WORKER.value:
     _worker_main()
     return
@@ -319,4 +319,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
