@@ -94,7 +94,10 @@ def spec(config: ConfigDict, data_features: dict[str, Any]) -> dict[str, Any]:
                             f"{', '.join(DTYPES)}")
   image = model_lib.image_arch(config.model)
   audio = model_lib.audio_arch(config.model)
-  out = {"image": encoders.describe(image), "audio": encoders.describe(audio),
+  # Stochastic depth is off in the frozen encoders: its rate does not change the features.
+  arch = {k: {n: v for n, v in encoders.describe(a).items() if n != "drop_path_rate"}
+          for k, a in (("image", image), ("audio", audio))}
+  out = {"image": arch["image"], "audio": arch["audio"],
          "features": feat, "face_size": int(config.data.face_size),
          "compute_dtype": config.model.dtype}
   if not isinstance(audio, encoders.wav2vec2.Wav2Vec2Config):

@@ -24,11 +24,9 @@ sharded over a data-parallel mesh of all local devices; the parameters are repli
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P

@@ -21,7 +21,6 @@ from ml_collections import ConfigDict
 from mfer_jax.models import encoders
 from mfer_jax.models import fusion as fusion_lib
 from mfer_jax.models import normalisation
-from mfer_jax.models import swin
 from mfer_jax.models import vit
 from mfer_jax.models.layers_compat import Precision
 
@@ -68,12 +67,6 @@ def mel_to_input(mel: jax.Array, size: tuple[int, int], channels: int,
   if x.shape[1:3] != tuple(size):
     x = jax.image.resize(x, (x.shape[0], *size, 1), method="bilinear")
   return _normalise(jnp.repeat(x, channels, axis=-1), channels, stats)
-
-
-def encoder_config(cfg: ConfigDict, in_chans: int) -> swin.SwinConfig:
-  """The Swin architecture of an encoder config (kept for Swin-only callers)."""
-  return swin.swin_config(cfg.variant, img_size=tuple(cfg.img_size), window_size=cfg.window_size,
-                          in_chans=in_chans, drop_path_rate=cfg.drop_path_rate)
 
 
 def image_arch(cfg: ConfigDict) -> encoders.Arch:
