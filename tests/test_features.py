@@ -278,3 +278,22 @@ def test_head_trains_on_the_cache_and_predict_runs_the_encoders_first(prepared, 
   from mfer_jax.prediction import labels as labels_lib  # pylint: disable=g-import-not-at-top
   want = labels_lib.fill_no_face(probs, inputs.has_face, "audio").argmax(-1)
   assert [int(v) for v in lines] == want.tolist()
+
+
+def test_a_video_without_audio_gets_silent_features_and_a_warning(prepared, tmp_path):
+  _, _, inits, _, ext, _, _ = prepared
+  raw = tmp_path / "raw"
+  prep_raw.write_media(raw / "batch1" / "mute.mp4", 12, fps="25", sample_rate=None)
+  prep_raw.write_annotation(raw, "train", "mute", [1] * 12)
+  data = tmp_path / "data"
+  build.build(raw, data, splits=["train"], workers=1, log=None)
+  summary = extract.extract(_config(data, inits), str(data), str(tmp_path / "f"),
+                            splits=["train"], media_root=str(raw), log=None, extractor=ext)
+  assert len(summary.warnings) == 1 and "mute.mp4: no audio track" in summary.warnings[0]
+  assert "features of silence" in summary.warnings[0]
+  assert cache.load_metadata(tmp_path / "f")["warnings"] == summary.warnings
+  got = cache.read_video(tmp_path / "f", "train", "mute", "float16")
+  silence = ext.waveform_features(np.zeros(0, np.float32), fractions.Fraction(25),
+                                  got["frame"])
+  np.testing.assert_allclose(got["audio"], cache.to_storage(silence, "float16").astype(
+      np.float32))
