@@ -45,6 +45,8 @@ _STEPS = flags.DEFINE_integer("steps", 2, "calls per worker per round")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU cores per worker")
 _BATCH = flags.DEFINE_integer("batch", 16, "ViT images per call")
 _HEAD_BATCH = flags.DEFINE_integer("head_batch", 512, "frames per head training step")
+_SKIP = flags.DEFINE_list("skip", [], "workers to leave out, as bench:worker (e.g. "
+                         "w2v:torch_bf16, whose autocast convolutions are very slow here)")
 _WORKER = flags.DEFINE_string("worker", "", "internal: run as this worker")
 _WEIGHTS = flags.DEFINE_string("weights", "", "internal: reference weights file")
 
@@ -178,6 +180,8 @@ def _make_head_cache(d: str) -> None:
   from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   data, feats = os.path.join(d, "data"), os.path.join(d, "features")
+  os.makedirs(os.path.join(feats, "train"), exist_ok=True)
+  os.makedirs(os.path.join(data, "train"), exist_ok=True)
   videos, n = [f"v{i:02d}" for i in range(40)], 1500
   label = rng.integers(0, 8, len(videos) * n).astype(np.int32)
   frame = np.tile(np.arange(1, n + 1, dtype=np.int32), len(videos))
@@ -272,7 +276,7 @@ def _run_bench(bench: str, d: str) -> list[str]:
     weights = d
   else:
     weights = _reference_weights(bench, d)
-  names = WORKERS[bench]
+  names = [n for n in WORKERS[bench] if f"{bench}:{n}" not in _SKIP.value]
   procs, units = {}, {}
   for name in names:   # one at a time: warm-ups do not compete
     procs[name] = _start(bench, name, weights)
