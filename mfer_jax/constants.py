@@ -13,6 +13,11 @@ ANNOTATION_HEADER = ",".join(CLASS_NAMES)
 
 SPLITS = ("train", "validation", "test")
 
+# Where training reads records from (mfer_jax.data.sources): data_prep.build's prepared
+# directory, or a TFDS-built dataset (data_prep/tfds_affwild2.py, registered under TFDS_NAME).
+DATA_SOURCES = ("prepared", "tfds")
+TFDS_NAME = "aff_wild2_expr"
+
 # Side of Aff-Wild2's cropped_aligned face crops, and of the crops data_prep writes.
 FACE_SIZE = 112
 

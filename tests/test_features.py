@@ -261,8 +261,8 @@ def test_head_trains_on_the_cache_and_predict_runs_the_encoders_first(prepared, 
   entry = store.load_metadata(data)["videos"]["val"]
   video = raw / entry["media"]
   params = videos.feature_params(tmp_path / "run")
-  inputs = frames_lib.read_video(video, params, predictor.face_size,
-                                 raw / "cropped_aligned" / "val", 1)
+  inputs, = frames_lib.read_video(video, params, predictor.face_size,
+                                  raw / "cropped_aligned" / "val", 1)
   image, audio = predictor.encode(inputs.face, inputs.mel, inputs.has_face, video, inputs.fps)
   cached = cache.read_video(ref, "validation", "val", "float16")
   rows = cached["frame"] - 1
@@ -270,8 +270,8 @@ def test_head_trains_on_the_cache_and_predict_runs_the_encoders_first(prepared, 
                              atol=2e-3 * np.abs(cached["audio"]).max())
   np.testing.assert_allclose(image[rows], cached["image"], rtol=2e-3,
                              atol=2e-3 * np.abs(cached["image"]).max())
-  out = videos.predict_video(predictor, params, video, tmp_path / "val.txt",
-                             crops=raw / "cropped_aligned" / "val")
+  out, = videos.predict_video(predictor, params, video, tmp_path / "val.txt",
+                              crops=raw / "cropped_aligned" / "val")
   assert out.num_frames == entry["num_frames"]
   probs, _ = predictor.predict(image, audio, inputs.has_face)
   lines = (tmp_path / "val.txt").read_text().splitlines()[1:]

@@ -34,9 +34,8 @@ import ml_collections
 import numpy as np
 
 from mfer_jax.data import augment
-from mfer_jax.data import reader as reader_lib
 from mfer_jax.data import sampling
-from mfer_jax.data import store
+from mfer_jax.data import sources
 
 STATE_VERSION = 1
 # Length of the (conceptually endless) train stream, in steps.
@@ -50,7 +49,7 @@ def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 class _TrainBatch:
   """Global step -> this process's block of the step's examples, read and augmented."""
 
-  def __init__(self, reader: reader_lib.SplitReader, sampler: sampling.EpochSampler,
+  def __init__(self, reader: sources.RecordReader, sampler: sampling.EpochSampler,
                augmenter: augment.Augmenter, *, global_batch: int, local_batch: int,
                process_index: int, seed: int):
     self._reader = reader
@@ -79,7 +78,7 @@ class _TrainBatch:
 class _EvalBatch:
   """Eval batch number -> this process's block; positions past the end are masked padding."""
 
-  def __init__(self, reader: reader_lib.SplitReader, record_ids: np.ndarray,
+  def __init__(self, reader: sources.RecordReader, record_ids: np.ndarray,
                video_id: np.ndarray, *, global_batch: int, local_batch: int,
                process_index: int):
     self._reader = reader
@@ -143,7 +142,7 @@ class TrainIterator:
   Close it (or use it as a context manager) to stop worker processes.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, reader: reader_lib.SplitReader,
+  def __init__(self, cfg: ml_collections.ConfigDict, reader: sources.RecordReader,
                sampler: sampling.EpochSampler, *, process_index: int, process_count: int):
     self._cfg = cfg
     self._reader = reader
@@ -277,8 +276,8 @@ class EvalPipeline:
     global_batch_size, local_batch_size: examples per global / per-process batch.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, reader: reader_lib.SplitReader,
-               index: store.SplitIndex, *, include_unlabelled: bool | None,
+  def __init__(self, cfg: ml_collections.ConfigDict, reader: sources.RecordReader,
+               index: sources.SplitSource, *, include_unlabelled: bool | None,
                process_index: int, process_count: int):
     self._cfg = cfg
     self.global_batch_size = int(cfg.eval_batch_size)
@@ -307,22 +306,22 @@ class EvalPipeline:
       it.close()
 
 
-def _reader(cfg: ml_collections.ConfigDict, index: store.SplitIndex):
+def _reader(cfg: ml_collections.ConfigDict, index: sources.SplitSource):
   """The split's records, or their cached encoder features with ``data.features_dir``."""
   if cfg.get("features_dir"):
     from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
     return cache.FeatureReader(index, cfg.features_dir)
-  return reader_lib.SplitReader(index, cfg.face_size)
+  return index.open_reader(cfg.face_size)
 
 
-def make_train_iterator(cfg: ml_collections.ConfigDict, index: store.SplitIndex, *,
+def make_train_iterator(cfg: ml_collections.ConfigDict, index: sources.SplitSource, *,
                         process_index: int | None = None,
                         process_count: int | None = None) -> TrainIterator:
   """The train pipeline of this process from ``config.data`` and the train split's index.
 
   Args:
     cfg: ``config.data`` (see `mfer_jax.data.config.default_data_config`).
-    index: the train split, from ``store.load_split(cfg.data_dir, "train")``.
+    index: the train split's source, from ``sources.load_split(cfg, "train")``.
     process_index, process_count: which part of each global batch this process reads;
       default jax.process_index() / jax.process_count() (tests pass them to simulate hosts).
   """
@@ -334,7 +333,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, index: store.SplitIndex,
                        process_count=process_count)
 
 
-def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: store.SplitIndex, *,
+def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: sources.SplitSource, *,
                        include_unlabelled: bool | None = None,
                        process_index: int | None = None,
                        process_count: int | None = None) -> EvalPipeline:
@@ -342,7 +341,7 @@ def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: store.SplitIndex, 
 
   Args:
     cfg: ``config.data``; uses eval_batch_size, face_size and the worker settings.
-    index: the split to evaluate or predict, from `store.load_split`.
+    index: the split's source, to evaluate or predict, from `sources.load_split`.
     include_unlabelled: also emit label -1 records; default: only if the split has no
       labelled record at all (the test split).
     process_index, process_count: as in `make_train_iterator`.

@@ -48,7 +48,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mfer_jax import errors
-from mfer_jax.data import store
+from mfer_jax.data import sources
 from mfer_jax.models import encoders
 from mfer_jax.models import model as model_lib
 
@@ -160,7 +160,7 @@ def check_config(config: ConfigDict) -> dict[str, Any]:
   """
   root = config.data.features_dir
   meta = load_metadata(root)
-  want = spec(config, store.load_metadata(config.data.data_dir)["features"])
+  want = spec(config, sources.load_metadata(config.data)["features"])
   if meta["spec_hash"] != spec_hash(want):
     keys = ", ".join(_diff(meta["spec"], want)[:6])
     raise FeatureCacheError(
@@ -206,7 +206,7 @@ class FeatureReader:
   memory-mapped on first use in each process (Grain workers included).
   """
 
-  def __init__(self, index: store.SplitIndex, root: str | os.PathLike):
+  def __init__(self, index: sources.SplitSource, root: str | os.PathLike):
     self.split = index.split
     self.root = str(root)
     meta = load_metadata(root)

@@ -19,7 +19,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mfer_jax import console, errors, evaluation, files, sharding
-from mfer_jax.data import pipeline, store
+from mfer_jax.data import pipeline, sources
 from mfer_jax.training import checkpointing, init_files, observability, optimizer, state as state_lib
 from mfer_jax.training import step as step_lib
 
@@ -43,7 +43,7 @@ class Run:
   total_steps: int
   steps_per_epoch: int
   train_iter: pipeline.TrainIterator
-  eval_index: store.SplitIndex
+  eval_index: sources.SplitSource
   checkpointer: checkpointing.Checkpointer
 
 
@@ -61,7 +61,7 @@ def class_loss_weights(cfg: ConfigDict, label: np.ndarray, num_classes: int) -> 
 
 
 def write_run_files(config: ConfigDict, workdir: pathlib.Path,
-                    train_index: store.SplitIndex) -> None:
+                    train_index: sources.SplitSource) -> None:
   """config.json, and features.json: the dataset's feature parameters, which prediction
   needs to build audio windows exactly as in training, even without the training data."""
   if jax.process_index() == 0:
@@ -84,11 +84,11 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  train_index = store.load_split(config.data.data_dir, "train")
+  train_index = sources.load_split(config.data, "train")
   write_run_files(config, workdir, train_index)
   if config.data.features_dir:
     _check_feature_cache(config, workdir)
-  eval_index = store.load_split(config.data.data_dir, config.train.eval_split)
+  eval_index = sources.load_split(config.data, config.train.eval_split)
   train_iter = pipeline.make_train_iterator(config.data, train_index)
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = config.train.num_epochs * steps_per_epoch
@@ -110,7 +110,7 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
              steps_per_epoch, train_iter, eval_index, checkpointer)
 
 
-def evaluate(run: Run, params: Any, index: store.SplitIndex | None = None) -> dict[str, Any]:
+def evaluate(run: Run, params: Any, index: sources.SplitSource | None = None) -> dict[str, Any]:
   """macro-F1, per-class F1, accuracy, confusion and mean gates per class on one split."""
   index = index or run.eval_index
   eval_pipe = pipeline.make_eval_pipeline(run.config.data, index, include_unlabelled=False)
@@ -167,7 +167,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
                 + ("its final evaluation:" if finished else "evaluating its final state."))
     return finished[-1] if finished else evaluate(run, run.state.params)
   eval_every = cfg.eval_every_steps if cfg.eval_every_steps > 0 else run.steps_per_epoch
-  label = np.asarray(store.load_split(config.data.data_dir, "train").label)
+  label = np.asarray(sources.load_split(config.data, "train").label)
   weights = class_loss_weights(cfg, label, config.model.num_classes)
   writer = observability.MetricsWriter(run.workdir, resume_step=start)
   progress = observability.ProgressBar(run.total_steps, start)
