@@ -80,7 +80,7 @@ def _vit_worker(framework: str, bf16: bool, weights: str):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from mfer_jax.models import encoders, vit  # pylint: disable=g-import-not-at-top
-  from mfer_jax.models.layers_compat import Precision  # pylint: disable=g-import-not-at-top
+  from mfer_jax.models.layers import Precision  # pylint: disable=g-import-not-at-top
   cfg = vit.vit_config("vit_b16")
   prec = Precision.resolve(compute_dtype="bfloat16" if bf16 else "float32")
   model = nnx.eval_shape(lambda: vit.VisionTransformer(cfg, rngs=nnx.Rngs(0), precision=prec))
@@ -110,7 +110,7 @@ def _w2v_worker(framework: str, bf16: bool, weights: str):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from mfer_jax.models import encoders, wav2vec2  # pylint: disable=g-import-not-at-top
-  from mfer_jax.models.layers_compat import Precision  # pylint: disable=g-import-not-at-top
+  from mfer_jax.models.layers import Precision  # pylint: disable=g-import-not-at-top
   cfg = wav2vec2.wav2vec2_config("wav2vec2", "base")
   prec = Precision.resolve(compute_dtype="bfloat16" if bf16 else "float32")
   model = nnx.eval_shape(lambda: wav2vec2.Wav2Vec2Model(cfg, rngs=nnx.Rngs(0), precision=prec))

@@ -73,7 +73,7 @@ def main() -> None:
   n = config.data.batch_size
   print(f"model: image {config.model.image.variant} {tuple(config.model.image.img_size)}, "
         f"audio {config.model.audio.variant} {tuple(config.model.audio.img_size)}, "
-        f"fusion {config.model.fusion.name}, dtype {config.model.dtype}; batch {n} on "
+        f"fusion {config.model.fusion.name}, precision {spec.precision}; batch {n} on "
         f"{jax.device_count()} {jax.default_backend()} device(s)")
   print(f"first call (compile + 1 step): {compile_s:.1f} s")
   print(f"step: median {med * 1000:.0f} ms over {_ROUNDS.value} rounds of {_STEPS.value} "

@@ -394,12 +394,12 @@ def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
   """
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise BuildError(f"--root {root} is not a directory.\n{affwild2.LAYOUT_HELP}")
+    raise BuildError(f"--root={root} is not a directory; {affwild2.LAYOUT_POINTER}")
   release = affwild2.scan_release(root)
   index = release.media
   if not index.files:
     raise BuildError(f"{root}: no media files in batch*/ or new_vids*/ folders "
-                     f"({', '.join(decode.MEDIA_EXTENSIONS)}).\n{affwild2.LAYOUT_HELP}")
+                     f"({', '.join(decode.MEDIA_EXTENSIONS)}); {affwild2.LAYOUT_POINTER}")
   plan = Plan([], [], [])
   for stem, others in sorted(index.duplicates.items()):
     plan.warnings.append(f"{others[0]}: another media file for {stem!r}; using "

@@ -34,3 +34,7 @@ SAMPLING_MODES = ("dynamic", "natural")
 
 # Compute dtypes a config may name.
 DTYPES = ("float32", "bfloat16")
+# How matmuls are computed (model.precision.matmul; mfer_jax.models.layers).
+MATMUL_PATHS = ("xla", "cpu_amx", "auto")
+# Rematerialisation policies per transformer block (model.remat; mfer_jax.models.layers).
+REMAT_POLICIES = ("none", "block", "dots_saveable")

@@ -62,6 +62,10 @@ Expected the Aff-Wild2 Expression layout under ROOT (folders found at any depth)
   .../Expression_Recognition_Challenge_test_set_release.txt (test video names, one a line;
     known names in data_prep/README.md; or pass --test_list=FILE)
 A synthetic set in this layout: python -m data_prep.synth --out DIR"""
+# The one-line pointer that errors carry instead of LAYOUT_HELP (an error is one line).
+LAYOUT_POINTER = ("expected, at any depth under ROOT, batch*/<video>.mp4|.avi, "
+                  "cropped_aligned*/<name>/ and EXPR_Recognition_Challenge/{Train_Set,"
+                  "Validation_Set}/ (the layout: data_prep/README.md, 'The layout read')")
 
 
 class LayoutError(errors.UserError, RuntimeError):
@@ -215,7 +219,7 @@ class Release:
                         "itself (the one holding Train_Set/Validation_Set)")
     if not self.challenge_dirs:
       raise LayoutError(f"{self.root}: no annotation folder ({' or '.join(CHALLENGE_DIRS)} "
-                        f"with Train_Set/Validation_Set) at any depth.\n{LAYOUT_HELP}")
+                        f"with Train_Set/Validation_Set) at any depth; {LAYOUT_POINTER}")
     if len(self.challenge_dirs) > 1:
       listed = ", ".join(shown_path(p, self.root) for p in self.challenge_dirs)
       raise LayoutError(f"{self.root}: {len(self.challenge_dirs)} Expression annotation "
@@ -245,7 +249,7 @@ class Release:
             if others else "")
     raise LayoutError(f"{self.root}: no Expression test list (known names: "
                       f"{', '.join(TEST_LIST_NAMES)}; case ignored){seen}; pass "
-                      f"--test_list=FILE or leave test out of --splits.\n{LAYOUT_HELP}")
+                      f"--test_list=FILE or leave test out of --splits")
 
 
 def scan_release(root: str | os.PathLike) -> Release:
@@ -315,10 +319,10 @@ def list_split_annotations(challenge_dir: str | os.PathLike, split: str) -> list
   d = pathlib.Path(challenge_dir) / SPLIT_DIRS[split]
   if not d.is_dir():
     raise LayoutError(f"{challenge_dir}: no annotation folder for split {split!r} "
-                      f"({SPLIT_DIRS[split]}/).\n{LAYOUT_HELP}")
+                      f"({SPLIT_DIRS[split]}/); {LAYOUT_POINTER}")
   files = sorted(p for p in d.iterdir() if p.suffix == ".txt" and p.is_file())
   if not files:
-    raise LayoutError(f"{d}: annotation folder is empty (no <name>.txt files).\n{LAYOUT_HELP}")
+    raise LayoutError(f"{d}: annotation folder is empty (no <name>.txt files); {LAYOUT_POINTER}")
   return files
 
 

@@ -278,7 +278,7 @@ class EvalPipeline:
 
   def __init__(self, cfg: ml_collections.ConfigDict, reader: sources.RecordReader,
                index: sources.SplitSource, *, include_unlabelled: bool | None,
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, max_examples: int = 0):
     self._cfg = cfg
     self.global_batch_size = int(cfg.eval_batch_size)
     self.process_index, self.process_count, self.local_batch_size = _process_layout(
@@ -289,6 +289,11 @@ class EvalPipeline:
     record_ids = np.arange(len(index)) if include_unlabelled else np.flatnonzero(labelled)
     if record_ids.size == 0:
       raise ValueError(f"split {index.split!r} has no record to evaluate")
+    if 0 < max_examples < record_ids.size:
+      # An evenly spaced, fixed subset: every video contributes, and each evaluation of a
+      # run sees the same frames.
+      record_ids = record_ids[np.linspace(0, record_ids.size - 1, int(max_examples))
+                              .round().astype(np.int64)]
     self.num_examples = int(record_ids.size)
     self.num_batches = -(-self.num_examples // self.global_batch_size)
     self._fn = _EvalBatch(reader, record_ids, np.asarray(index.video_id, np.int32),
@@ -336,7 +341,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, index: sources.SplitSour
 def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: sources.SplitSource, *,
                        include_unlabelled: bool | None = None,
                        process_index: int | None = None,
-                       process_count: int | None = None) -> EvalPipeline:
+                       process_count: int | None = None,
+                       max_examples: int = 0) -> EvalPipeline:
   """The eval pipeline of this process over one split (no resampling, no augmentation).
 
   Args:
@@ -345,10 +351,12 @@ def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: sources.SplitSourc
     include_unlabelled: also emit label -1 records; default: only if the split has no
       labelled record at all (the test split).
     process_index, process_count: as in `make_train_iterator`.
+    max_examples: 0 for every selected record; N > 0 for an evenly spaced subset of N.
   """
   reader = _reader(cfg, index)
   return EvalPipeline(cfg, reader, index, include_unlabelled=include_unlabelled,
-                      process_index=process_index, process_count=process_count)
+                      process_index=process_index, process_count=process_count,
+                      max_examples=max_examples)
 
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh,

@@ -99,7 +99,7 @@ def spec(config: ConfigDict, data_features: dict[str, Any]) -> dict[str, Any]:
           for k, a in (("image", image), ("audio", audio))}
   out = {"image": arch["image"], "audio": arch["audio"],
          "features": feat, "face_size": int(config.data.face_size),
-         "compute_dtype": config.model.dtype}
+         "compute_dtype": config.model.precision.compute_dtype}
   if not isinstance(audio, encoders.wav2vec2.Wav2Vec2Config):
     out["mel"] = {k: v for k, v in data_features.items() if k != "face_size"}
   if not config.model.image.init_file or not config.model.audio.init_file:

@@ -37,7 +37,7 @@ from mfer_jax.media import audio_features
 from mfer_jax.models import encoders
 from mfer_jax.models import model as model_lib
 from mfer_jax.models import wav2vec2
-from mfer_jax.models.layers_compat import Precision
+from mfer_jax.models.layers import Precision
 
 SAMPLE_RATE = wav2vec2.SAMPLE_RATE
 
@@ -74,7 +74,7 @@ class FeatureExtractor:
   """The configured encoders, frozen, with batched and sharded forward functions.
 
   Args:
-    config: the whole config: ``model`` (image / audio encoders and init files, dtype),
+    config: the whole config: ``model`` (image / audio encoders and init files, precision),
       ``features`` (batch size, audio settings), ``seed`` (random init without init file).
     devices: devices of the data-parallel mesh (default: all local devices).
 
@@ -88,7 +88,7 @@ class FeatureExtractor:
   def __init__(self, config: ConfigDict, devices=None):
     self.config = config
     feat = config.features
-    precision = Precision.resolve(compute_dtype=config.model.dtype)
+    precision = Precision.from_config(config.model.precision)
     self.image_arch = model_lib.image_arch(config.model)
     self.audio_arch = model_lib.audio_arch(config.model)
     self.image_dim = encoders.width(self.image_arch)

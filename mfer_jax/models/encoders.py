@@ -33,7 +33,7 @@ from mfer_jax.models import vit
 from mfer_jax.models import vit_import
 from mfer_jax.models import wav2vec2
 from mfer_jax.models import wav2vec2_import
-from mfer_jax.models.layers_compat import FLOAT32, Precision
+from mfer_jax.models.layers import FLOAT32, Precision
 
 IMAGE_FAMILIES = ("swin", "vit")
 AUDIO_FAMILIES = ("swin", "vit", "wav2vec2", "hubert")
@@ -77,10 +77,10 @@ def arch_config(enc: ConfigDict, in_chans: int, *, key: str = "model.image") -> 
 
 def build(arch: Arch, *, rngs: nnx.Rngs, precision: Precision = FLOAT32,
           remat: str = "none") -> nnx.Module:
-  """The encoder module of ``arch``."""
+  """The encoder module of ``arch``; every family follows ``precision`` and remats each
+  transformer block under ``remat`` (`layers.REMAT_POLICIES`)."""
   if isinstance(arch, swin.SwinConfig):
-    # Swin on main still takes a dtype; it moves to the precision policy with layers.py.
-    return swin.SwinTransformer(arch, rngs=rngs, dtype=precision.compute)
+    return swin.SwinTransformer(arch, rngs=rngs, precision=precision, remat=remat)
   if isinstance(arch, vit.ViTConfig):
     return vit.VisionTransformer(arch, rngs=rngs, precision=precision, remat=remat)
   return wav2vec2.Wav2Vec2Model(arch, rngs=rngs, precision=precision, remat=remat)

@@ -20,11 +20,9 @@ from ml_collections import ConfigDict
 
 from mfer_jax.models import encoders
 from mfer_jax.models import fusion as fusion_lib
+from mfer_jax.models import layers
 from mfer_jax.models import normalisation
 from mfer_jax.models import vit
-from mfer_jax.models.layers_compat import Precision
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _normalise(x: jax.Array, channels: int, stats=None) -> jax.Array:
@@ -87,19 +85,23 @@ class ExpressionModel(nnx.Module):
   """Face encoder + audio encoder + fusion + 8-class head.
 
   Args:
-    cfg: ``config.model`` (see `mfer_jax.config_lib`): num_classes, dtype, image, audio,
-      fusion, modality_dropout.
+    cfg: ``config.model`` (see `mfer_jax.config_lib`): num_classes, precision, remat, image,
+      audio, fusion, modality_dropout.
     rngs: parameter RNGs.
+    precision: overrides ``cfg.precision`` (the planner resolves ``matmul="auto"`` for the
+      accelerator it plans for, not for the CPU it compiles on).
     from_features: no encoders; ``face`` and ``mel`` are cached encoder features.
+
+  Attributes:
+    precision: the resolved `layers.Precision` every part uses.
   """
 
-  def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs, from_features: bool = False):
-    if cfg.dtype not in DTYPES:
-      raise ValueError(f"model.dtype {cfg.dtype!r}: choose one of {sorted(DTYPES)}")
-    precision = Precision.resolve(compute_dtype=cfg.dtype)
+  def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs,
+               precision: layers.Precision | None = None, from_features: bool = False):
+    self.precision = precision or layers.Precision.from_config(cfg.precision)
+    kw = dict(rngs=rngs, precision=self.precision, remat=cfg.remat)
     name = cfg.fusion.name
     self.from_features = bool(from_features)
-    self.compute_dtype = DTYPES[cfg.dtype]
     self.image_size = tuple(cfg.image.img_size)
     self.audio_size = tuple(cfg.audio.img_size)
     self.audio_chans = int(cfg.audio.in_chans)
@@ -115,15 +117,13 @@ class ExpressionModel(nnx.Module):
     self.image_stats = input_stats(v_arch)
     self.audio_stats = input_stats(a_arch)
     # Single-modality ablations do not build (or pay for) the other encoder.
-    kw = dict(rngs=rngs, precision=precision)
     self.image_encoder = (encoders.build(v_arch, **kw)
                           if use_v and not from_features else None)
     self.audio_encoder = (encoders.build(a_arch, **kw)
                           if use_a and not from_features else None)
     self.fusion = fusion_lib.Fusion(
         cfg.fusion, encoders.width(v_arch) if use_v else 0,
-        encoders.width(a_arch) if use_a else 0, cfg.num_classes, rngs=rngs,
-        dtype=self.compute_dtype)
+        encoders.width(a_arch) if use_a else 0, cfg.num_classes, **kw)
     self._use = (use_v, use_a)
 
   def _availability(self, has_face: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
@@ -141,7 +141,8 @@ class ExpressionModel(nnx.Module):
     return avail & ~jnp.stack([drop_v, drop_a], axis=-1)
 
   def _feature_tokens(self, x: jax.Array) -> jax.Array:
-    """Cached features [B, C] (or [B, N, C]) -> tokens [B, N, C] in the compute dtype."""
+    """Cached features [B, C] (or [B, N, C]) -> float32 tokens [B, N, C] (the fusion casts
+    matmul operands to the compute dtype, as for encoder tokens)."""
     x = x.astype(jnp.float32)
     return x[:, None] if x.ndim == 2 else x
 

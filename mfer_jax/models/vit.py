@@ -37,8 +37,8 @@ import numpy as np
 from flax import nnx
 
 from mfer_jax import sharding
-from mfer_jax.models import layers_compat as layers
-from mfer_jax.models.layers_compat import FLOAT32, Precision
+from mfer_jax.models import layers
+from mfer_jax.models.layers import FLOAT32, Precision
 
 POOLS = ("token", "avg")
 # Per-channel (mean, std) of the pixels in [0, 1] each family was pretrained with.

@@ -46,9 +46,10 @@ def apply_init_files(config: ConfigDict, spec: ModelSpec, state: TrainState) -> 
     try:
       encoders.load_pretrained(encoder, path, arch_fn(config.model))
     except (OSError, swin_import.CheckpointError) as e:
-      raise InitFileError(f"{key}={path}: {e}\nConvert a timm or Hugging Face checkpoint of "
-                          f"the {enc_cfg.family} family with `python -m mfer_jax.tools.convert "
-                          "--help`, or set the key to '' to train from scratch.") from e
+      raise InitFileError(f"{key}={path}: {errors.one_line(str(e))}; convert a timm or "
+                          f"Hugging Face checkpoint of the {enc_cfg.family} family with "
+                          "`python -m mfer_jax.tools.convert --help`, or set the key to '' to "
+                          "train from scratch") from e
     console.say(f"Initialised the {key.split('.')[1]} encoder from {path}")
     loaded = True
   if not loaded:

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from mfer_jax import sharding
+from mfer_jax.models.layers import Precision
 from mfer_jax.models.model import ExpressionModel
 
 
@@ -49,11 +50,16 @@ class ModelSpec:
   feature-cache run (``data.features_dir``), fusion and head only.
   """
 
-  def __init__(self, model_cfg: ConfigDict, from_features: bool = False):
-    self.model_cfg = model_cfg
+  def __init__(self, model_cfg: ConfigDict, precision: Precision | None = None,
+               from_features: bool = False):
+    """Args: the model config, optionally a resolved precision overriding its own, and
+    whether the model reads cached features (no encoders)."""
     self.from_features = bool(from_features)
     abstract = nnx.eval_shape(lambda: ExpressionModel(model_cfg, rngs=nnx.Rngs(0),
+                                                      precision=precision,
                                                       from_features=self.from_features))
+    self.model_cfg = model_cfg
+    self.precision: Precision = abstract.precision
     self.graphdef, self.abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(abstract_rest):
       raise ValueError("the model has non-Param variables; they must be part of TrainState")
@@ -63,8 +69,9 @@ class ModelSpec:
     return nnx.merge(self.graphdef, params, self.rest)
 
 
-def _init_params(model_cfg: ConfigDict, key: jax.Array, from_features: bool = False):
-  model = ExpressionModel(model_cfg, rngs=nnx.Rngs(params=key), from_features=from_features)
+def _init_params(spec: ModelSpec, key: jax.Array):
+  model = ExpressionModel(spec.model_cfg, rngs=nnx.Rngs(params=key), precision=spec.precision,
+                          from_features=spec.from_features)
   return nnx.state(model, nnx.Param)
 
 
@@ -95,11 +102,13 @@ def create_train_state(config: ConfigDict, spec: ModelSpec, tx: optax.GradientTr
     step and the checkpoint restore reuse.
   """
   shardings = state_shardings(spec, tx, mesh, config.mesh.rules)
+  sharding.check_replication(spec.abstract_params, shardings.params, mesh,
+                             config.mesh.max_replicated_fraction)
   seed_key = jax.random.key(config.seed)
   param_key, rng = jax.random.split(seed_key)
 
   def init(param_key, rng):
-    params = _init_params(config.model, param_key, spec.from_features)
+    params = _init_params(spec, param_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=rng, bad_step=jnp.full((), -1, jnp.int32))
 
