@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from flax import nnx
 
 import prep_raw
 from data_prep import build
+from mfer_jax import evaluation, planning, sharding
 from mfer_jax.data import reader as reader_lib
 from mfer_jax.data import store
 from mfer_jax.features import cache
@@ -255,6 +257,18 @@ def test_head_trains_on_the_cache_and_predict_runs_the_encoders_first(prepared, 
   result = loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert 0.0 <= result["macro_f1"] <= 1.0
   assert (tmp_path / "run" / "feature_cache.json").is_file()
+  # --mode=eval: the primary evaluator reads the same cache and equals the run's own
+  # evaluation of the step it restores.
+  evaluated = loop.evaluate_workdir(config, str(tmp_path / "run"))
+  own = {e["step"]: e for e in evaluation.read_evals(tmp_path / "run")}[evaluated["step"]]
+  assert {k: v for k, v in evaluated.items() if k != "path"} == own
+  # The planner compiles the same head-only step: its params are the head's, exactly.
+  head = nnx.state(nnx.eval_shape(lambda: model_lib.ExpressionModel(
+      config.model, rngs=nnx.Rngs(0), from_features=True)), nnx.Param)
+  plan = planning.plan_step(config, sharding.make_mesh((-1, 1, 1)), 16)
+  assert plan.param_bytes == sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(head))
+  # float32 features [32] x 2, has_face and mask (bool), label (int32), per device.
+  assert plan.batch_bytes == 16 * (2 * 32 * 4 + 1 + 1 + 4) // jax.device_count()
 
   predictor = predictor_lib.Predictor(tmp_path / "run", which="latest", batch_size=16)
   assert predictor.from_features

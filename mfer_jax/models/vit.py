@@ -220,17 +220,6 @@ class PatchEmbed(nnx.Module):
     return x if self.bias is None else x + self.bias[...].astype(jnp.float32)
 
 
-class LayerScale(nnx.Module):
-  """Per-channel scale of a residual branch (CaiT / DINOv2); ``gamma`` as in timm."""
-
-  def __init__(self, dim: int, init_value: float, *, param_dtype):
-    init = lambda key, shape, dt: jnp.full(shape, init_value, dt)  # noqa: E731
-    self.gamma = layers.param(init, ("embed",), None, (dim,), param_dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return x * self.gamma[...].astype(jnp.float32)
-
-
 class Block(nnx.Module):
   """Pre-LN transformer block: attention, then MLP, each with LayerScale and drop path."""
 
@@ -242,12 +231,12 @@ class Block(nnx.Module):
     self.norm1 = layers.LayerNorm(dim, **norm)
     self.attn = layers.MultiHeadAttention(dim, cfg.num_heads, qkv_bias=cfg.qkv_bias,
                                           precision=precision, rngs=rngs)
-    self.ls1 = (LayerScale(dim, cfg.layer_scale, param_dtype=precision.param)
+    self.ls1 = (layers.LayerScale(dim, cfg.layer_scale, param_dtype=precision.param)
                 if cfg.layer_scale else None)
     self.norm2 = layers.LayerNorm(dim, **norm)
     self.mlp = layers.Mlp(dim, int(dim * cfg.mlp_ratio), activation=cfg.activation,
                           precision=precision, rngs=rngs)
-    self.ls2 = (LayerScale(dim, cfg.layer_scale, param_dtype=precision.param)
+    self.ls2 = (layers.LayerScale(dim, cfg.layer_scale, param_dtype=precision.param)
                 if cfg.layer_scale else None)
 
   def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -376,7 +376,11 @@ def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> d
         f"{ckpt_dir} not found: {workdir} has no checkpoint to evaluate; train first with "
         "--mode=train")
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  spec = state_lib.ModelSpec(config.model)
+  features_dir = bool(config.data.features_dir)
+  if features_dir:   # the head reads cached features: they must be the run's
+    from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
+    cache.check_config(config)
+  spec = state_lib.ModelSpec(config.model, from_features=features_dir)
   tx, _ = optimizer.make_optimizer(config.train, 1)   # the state's structure, for restoring
   state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules)
   name = config.train.primary_eval
