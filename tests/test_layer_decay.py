@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfer_jax import config_lib
+from mfer_jax import config_lib, errors
 from mfer_jax.training import optimizer
 from mfer_jax.training import state as state_lib
 
@@ -65,7 +65,7 @@ def test_per_layer_learning_rates_equal_the_formula(decay):
 def test_layer_decay_out_of_range_is_refused():
   c = _model_config()
   c.train.layer_decay = 1.5
-  with pytest.raises(ValueError, match="train.layer_decay=1.5"):
+  with pytest.raises(errors.UsageError, match="train.layer_decay=1.5"):
     optimizer.make_optimizer(c.train, total_steps=10)
 
 
