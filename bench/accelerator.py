@@ -277,8 +277,7 @@ def _table(results: list[dict], plan: dict | None) -> str:
   return "\n".join(rows)
 
 
-def main(argv):
-  del argv
+def main() -> None:
   if _CHILD.value == "devices":
     print(json.dumps({"backend": jax.default_backend(), "count": jax.device_count(),
                       "kind": jax.devices()[0].device_kind}))

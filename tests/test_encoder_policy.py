@@ -64,11 +64,15 @@ def _run(name: str, precision: layers.Precision, remat: str, lowered: bool = Fal
 @pytest.mark.parametrize("name", list(ENCODERS))
 def test_remat_gives_the_same_gradients(name):
   value, want = _run(name, F32, "none")
+  # Some leaves of the random tiny wav2vec 2.0 (the feature projection, the position conv's
+  # bias) have gradients near 1e-7, float32 rounding noise behind its normalisations:
+  # absolute differences count on the whole tree's scale.
+  atol = 1e-6 * max(np.abs(w).max() for w in want)
   for policy in ("block", "dots_saveable"):
     got_value, got = _run(name, F32, policy)
     assert got_value == pytest.approx(value, rel=1e-6)   # same drop-path draws
     for g, w in zip(got, want):
-      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
@@ -79,8 +83,10 @@ def test_matmul_paths_agree(name):
   vx, gx = _run(name, BF16_XLA, "none")
   va, ga = _run(name, BF16_AMX, "none")
   assert abs(vx - va) <= 0.02 * abs(v32) and abs(vx - v32) <= 0.05 * abs(v32)
+  # Each leaf on its own scale, with a floor for the near-zero leaves (see above).
+  floor = 1e-4 * max(np.abs(w).max() for w in g32)
   for x, a, w in zip(gx, ga, g32):
-    scale = np.abs(w).max() + 1e-6
+    scale = np.abs(w).max() + floor
     assert np.abs(x - a).max() <= 0.05 * scale
     assert np.abs(x - w).max() <= 0.1 * scale
   assert "optimization_barrier" in _run(name, BF16_AMX, "none", lowered=True)
