@@ -294,7 +294,7 @@ def main() -> None:
   devices, kind, backend = info["count"], info["kind"], info["backend"]
   if backend == "cpu" and not dry_run:
     raise errors.UsageError("no GPU or TPU found: install the cuda or tpu extra (README), or "
-                         "run --dry_run on CPU")
+                           "run --dry_run on CPU")
   accelerator = accelerators.for_device_kind(kind)
   _, config_name = _load_config(dry_run)
   _say(f"jax {jax.__version__} on {backend}: {devices} x {kind!r} "
