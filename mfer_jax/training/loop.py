@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from mfer_jax import console, errors, evaluation, files, sharding
+from mfer_jax import config_lib, console, errors, evaluation, files, sharding
 from mfer_jax.data import pipeline, store
 from mfer_jax.training import checkpointing, init_files, observability, optimizer, state as state_lib
 from mfer_jax.training import step as step_lib
@@ -71,6 +71,7 @@ def write_run_files(config: ConfigDict, workdir: pathlib.Path,
 
 def build_run(config: ConfigDict, workdir: str) -> Run:
   """Builds mesh, data, state (restored or initialised) and the checkpointer."""
+  config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
@@ -102,10 +103,12 @@ def evaluate(run: Run, params: Any, index: store.SplitIndex | None = None) -> di
   """macro-F1, per-class F1, accuracy, confusion and mean gates per class on one split."""
   index = index or run.eval_index
   eval_pipe = pipeline.make_eval_pipeline(run.config.data, index, include_unlabelled=False)
+  if eval_pipe.sequence.length > 1:
+    return _evaluate_windows(run, params, index, eval_pipe)
   eval_step = None
   acc = step_lib.empty_eval_accumulator(run.config.model.num_classes, run.mesh)
   for local in eval_pipe:
-    batch = pipeline.to_global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, run.mesh)
+    batch = pipeline.to_global_batch(step_lib.model_inputs(local), run.mesh)
     if eval_step is None:
       batch_sh = jax.tree.map(lambda x: x.sharding, batch)
       eval_step = step_lib.make_eval_step(run.spec, run.config, run.mesh, run.state_sh.params,
@@ -113,6 +116,23 @@ def evaluate(run: Run, params: Any, index: store.SplitIndex | None = None) -> di
     acc = eval_step(params, acc, batch)
   acc = jax.device_get(acc)
   return evaluation.summarize(acc["confusion"], acc["gate_sum"])
+
+
+def _evaluate_windows(run: Run, params: Any, index: store.SplitIndex,
+                      eval_pipe: pipeline.EvalPipeline) -> dict[str, Any]:
+  """Clip evaluation: windows with a hop, each frame scored once from its averaged logits."""
+  eval_step = None
+  acc = step_lib.empty_window_accumulator(len(index), run.config.model.num_classes, run.mesh)
+  for local in eval_pipe:
+    batch = pipeline.to_global_batch({**step_lib.model_inputs(local), "index": local["index"]},
+                                     run.mesh)
+    if eval_step is None:
+      batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+      eval_step = step_lib.make_window_eval_step(run.spec, run.config, run.mesh,
+                                                 run.state_sh.params, batch_sh)
+    acc = eval_step(params, acc, batch)
+  totals = step_lib.summarize_windows(acc, index.label)
+  return evaluation.summarize(totals["confusion"], totals["gate_sum"])
 
 
 def _check_finite(state: state_lib.TrainState, run: Run) -> None:
@@ -168,7 +188,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
   try:
     for step in range(start, run.total_steps):
       local = next(run.train_iter)
-      batch = pipeline.to_global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, run.mesh)
+      batch = pipeline.to_global_batch(step_lib.model_inputs(local), run.mesh)
       if train_step is None:
         batch_sh = jax.tree.map(lambda x: x.sharding, batch)
         train_step = step_lib.make_train_step(run.spec, run.tx, run.schedule, config, run.mesh,

@@ -1,0 +1,188 @@
+"""Temporal heads and the model on clips: frame-mode parity, positions, receptive field, loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from mfer_jax import config_lib, errors
+from mfer_jax.models import temporal
+from mfer_jax.models.model import ExpressionModel
+from mfer_jax.training import losses
+from test_model import make_batch, tiny_model_config
+
+
+@nnx.jit
+def apply(head, x, present):
+  return head(x, present)
+
+
+def head_config(name, **kw):
+  c = config_lib.base_config().model.temporal
+  c.update(name=name, dropout=0.0, **kw)
+  return c
+
+
+def test_t1_none_equals_the_frame_model_exactly():
+  """Same params, same batch, same dropout keys: a [B, 1] clip is the [B] frame batch."""
+  cfg = tiny_model_config()
+  cfg.modality_dropout = 0.3     # every random path of training is on
+  model = ExpressionModel(cfg, rngs=nnx.Rngs(0))
+  graph, params = nnx.split(model)
+  batch = make_batch(b=4)
+  labels = jnp.asarray([0, 3, 7, 1])
+  train_cfg = config_lib.base_config().train
+  train_cfg.update(label_smoothing=0.1)
+  loss_fn = losses.make_loss(train_cfg, 8)
+
+  @jax.jit
+  def run(params, face, mel, has_face, labels, present):
+    out = nnx.merge(graph, params)(face, mel, has_face, present,
+                                   rngs=nnx.Rngs(dropout=jax.random.key(5)))
+    return out["logits"], out["gates"], jnp.sum(loss_fn(out["logits"], labels))
+
+  frame = run(params, batch["face"], batch["mel"], batch["has_face"], labels, None)
+  clip = run(params, batch["face"][:, None], batch["mel"][:, None], batch["has_face"][:, None],
+             labels[:, None], jnp.ones((4, 1), bool))
+  assert clip[0].shape == (4, 1, 8)
+  np.testing.assert_array_equal(np.asarray(clip[0])[:, 0], np.asarray(frame[0]))
+  np.testing.assert_array_equal(np.asarray(clip[1])[:, 0], np.asarray(frame[1]))
+  assert float(clip[2]) == float(frame[2])
+  # Inference (no rngs) too.
+  eval_frame = model(batch["face"], batch["mel"], batch["has_face"])["logits"]
+  eval_clip = model(batch["face"][:, None], batch["mel"][:, None],
+                    batch["has_face"][:, None])["logits"]
+  np.testing.assert_array_equal(np.asarray(eval_clip)[:, 0], np.asarray(eval_frame))
+
+
+@pytest.mark.parametrize("position", ["learned", "relative"])
+def test_transformer_head_is_permutation_sensitive_and_masks_padding(position):
+  head = temporal.TransformerHead(head_config("transformer", position=position, num_heads=4),
+                                  32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 10, 32))
+  present = jnp.ones((2, 10), bool)
+  perm = np.random.default_rng(0).permutation(10)
+
+  def equivariance_gap(h):
+    return float(jnp.abs(apply(h, x[:, perm], present) - apply(h, x, present)[:, perm]).max())
+
+  # Self-attention without positions is permutation-equivariant up to rounding; the position
+  # params (at their initial values) make the head tell orders apart.
+  table = head.pos_embed if position == "learned" else head.rel_bias
+  saved = table[...]
+  table[...] = jnp.zeros_like(saved)
+  no_positions = equivariance_gap(head)
+  table[...] = saved
+  assert no_positions < 2e-6
+  assert equivariance_gap(head) > 50 * max(no_positions, 1e-7)
+  y = apply(head, x, present)
+  # A padded slot is never attended to: changing it leaves every other output unchanged.
+  present = present.at[:, 4].set(False)
+  a = apply(head, x, present)
+  b = apply(head, x.at[:, 4].set(100.0), present)
+  keep = np.arange(10) != 4
+  np.testing.assert_allclose(np.asarray(a)[:, keep], np.asarray(b)[:, keep], atol=1e-5)
+  assert float(jnp.abs(a - y).max()) > 1e-4     # the mask did change what the others see
+
+
+@pytest.mark.parametrize("kernel_size,dilations", [(3, (1, 2, 4)), (5, (1, 3))])
+def test_tcn_receptive_field_matches_its_config(kernel_size, dilations):
+  cfg = head_config("tcn", kernel_size=kernel_size, dilations=dilations)
+  rf = temporal.receptive_field(cfg)
+  assert rf == 1 + (kernel_size - 1) * sum(dilations)
+  head = temporal.TCNHead(cfg, 16, rngs=nnx.Rngs(0))
+  t, t0 = 64, 30
+  x = jax.random.normal(jax.random.key(2), (1, t, 16))
+  present = jnp.ones((1, t), bool)
+  # Not constant across channels: LayerNorm would remove a constant shift.
+  impulse = jnp.zeros_like(x).at[0, t0].set(jax.random.normal(jax.random.key(3), (16,)))
+  delta = np.abs(np.asarray(apply(head, x + impulse, present) - apply(head, x, present)))
+  delta = delta[0].max(-1)
+  changed = np.flatnonzero(delta > 0)     # outside the field the output is bit-identical
+  half = (rf - 1) // 2
+  np.testing.assert_array_equal(changed, np.arange(t0 - half, t0 + half + 1))
+
+
+def test_clip_model_shapes_gradients_and_frame_input_error():
+  cfg = tiny_model_config()
+  cfg.temporal.update(name="transformer", num_heads=4, dropout=0.1)
+  model = ExpressionModel(cfg, rngs=nnx.Rngs(0))
+  b = make_batch(b=6)
+  face, mel = b["face"].reshape(2, 3, 24, 24, 3), b["mel"].reshape(2, 3, 16, 40)
+  has_face = b["has_face"].reshape(2, 3)
+  present = jnp.asarray([[True, True, False], [True, True, True]])
+  out = model(face, mel, has_face, present)
+  assert out["logits"].shape == (2, 3, 8) and out["gates"].shape == (2, 3, 2)
+
+  def loss(m):
+    logits = m(face, mel, has_face, present, rngs=nnx.Rngs(dropout=0))["logits"]
+    return jnp.sum(logits[:, 1] ** 2)
+
+  grads = nnx.grad(loss)(model)
+  norms = {k: float(optax_norm(v)) for k, v in grads.items()
+           if k in ("temporal", "image_encoder", "audio_encoder")}
+  assert all(n > 0 for n in norms.values()) and len(norms) == 3, norms
+  with pytest.raises(ValueError, match="temporal head needs clips"):
+    model(b["face"], b["mel"], b["has_face"])
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_temporal_config_is_validated():
+  c = config_lib.base_config()
+  c.model.temporal.name = "transformer"
+  with pytest.raises(errors.UsageError, match="needs clips"):
+    config_lib.validate(c)
+  c.data.sequence.length = 8
+  config_lib.validate(c)
+  c.model.temporal.name = "lstm"
+  with pytest.raises(errors.UsageError, match="none, transformer, tcn"):
+    config_lib.validate(c)
+  c.model.temporal.update(name="tcn", kernel_size=4)
+  with pytest.raises(errors.UsageError, match="odd"):
+    config_lib.validate(c)
+  c = config_lib.apply_variant_args(config_lib.base_config(), "temporal=tcn")
+  assert c.data.sequence.length == config_lib.DEFAULT_CLIP_LENGTH
+  config_lib.validate(c)
+
+
+def _focal_reference(logits, labels, gamma, alpha=None, smoothing=0.0):
+  """Direct numpy: -sum_c q_c alpha_c (1 - p_c)^gamma log p_c."""
+  logits = np.asarray(logits, np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  q = np.eye(logits.shape[-1])[labels] * (1 - smoothing) + smoothing / logits.shape[-1]
+  a = np.ones(logits.shape[-1]) if alpha is None else np.asarray(alpha)
+  return -(q * a * (1 - p) ** gamma * np.log(p)).sum(-1)
+
+
+@pytest.mark.parametrize("gamma,alpha,smoothing", [
+    (2.0, None, 0.0), (0.5, (0.25, 1, 2, 2, 0.5, 0.5, 1, 0.25), 0.0), (2.0, None, 0.1)])
+def test_focal_loss_matches_numpy(gamma, alpha, smoothing):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 3, (5, 4, 8)).astype(np.float32)
+  labels = rng.integers(0, 8, (5, 4))
+  cfg = config_lib.base_config().train
+  cfg.update(loss="focal", focal_gamma=gamma, focal_alpha=alpha or (), label_smoothing=smoothing)
+  got = losses.make_loss(cfg, 8)(jnp.asarray(logits), jnp.asarray(labels))
+  np.testing.assert_allclose(np.asarray(got), _focal_reference(logits, labels, gamma, alpha,
+                                                               smoothing), rtol=2e-5)
+
+
+def test_focal_with_gamma_zero_is_cross_entropy():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(0, 3, (16, 8)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 8, 16))
+  cfg = config_lib.base_config().train
+  cfg.label_smoothing = 0.1
+  ce = losses.make_loss(cfg, 8)(logits, labels)
+  cfg.update(loss="focal", focal_gamma=0.0)
+  np.testing.assert_allclose(np.asarray(losses.make_loss(cfg, 8)(logits, labels)),
+                             np.asarray(ce), rtol=1e-6)
+  cfg.focal_alpha = (1.0,) * 7
+  with pytest.raises(errors.UsageError, match="8 non-negative"):
+    losses.make_loss(cfg, 8)
