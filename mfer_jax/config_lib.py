@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 
 from mfer_jax import errors, sharding
 from mfer_jax.data import config as data_config
-from mfer_jax.constants import DTYPES, FUSION_VARIANTS, SAMPLING_MODES
+from mfer_jax.constants import DTYPES, FUSION_VARIANTS, SAMPLING_MODES, TEMPORAL_HEADS
 
 
 # Clip length a `temporal=` variant sets when the config is in frame mode (T = 1).
@@ -127,9 +127,8 @@ def _dtype(c: ConfigDict, value: str) -> None:
 
 
 def _temporal(c: ConfigDict, value: str) -> None:
-  from mfer_jax.models import temporal  # pylint: disable=g-import-not-at-top
-  if value not in temporal.TEMPORAL_HEADS:
-    raise ValueError(f"temporal={value!r}: choose one of {temporal.TEMPORAL_HEADS}")
+  if value not in TEMPORAL_HEADS:
+    raise ValueError(f"temporal={value!r}: choose one of {TEMPORAL_HEADS}")
   c.model.temporal.name = value
   if value != "none" and c.data.sequence.length == 1:
     # A temporal head needs clips; 'none' keeps the config's mode (frames by default).

@@ -25,9 +25,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from mfer_jax import errors, sharding
+from mfer_jax.constants import TEMPORAL_HEADS
 from mfer_jax.models import fusion_layers as L
 
-TEMPORAL_HEADS = ("none", "transformer", "tcn")
 POSITIONS = ("learned", "relative")
 _MASKED = -1e9
 

@@ -16,6 +16,20 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from mfer_jax import errors
+
+
+class CheckpointMismatchError(errors.UserError, ValueError):
+  """A checkpoint whose model is not the one the config builds; names both."""
+
+
+def _temporal_head_of(param_keys: dict[str, Any] | None) -> str:
+  """'none', 'transformer' or 'tcn', from the top level of a params tree."""
+  temporal = (param_keys or {}).get("temporal")
+  if not temporal:
+    return "none"
+  return "tcn" if "convs" in temporal else "transformer"
+
 
 class Checkpointer:
   """Thin owner of an Orbax CheckpointManager at ``<workdir>/checkpoints``.
@@ -61,6 +75,23 @@ class Checkpointer:
     """Restores just the train state (evaluation and prediction need no iterator)."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     return self.manager.restore(step, args=args).state
+
+  def check_temporal_head(self, step: int, config: Any) -> None:
+    """Raises a one-line error if checkpoint ``step`` and ``config`` disagree on the temporal
+    head (a frame-mode config on a temporal checkpoint, or the reverse), before Orbax would
+    fail with a tree-structure dump."""
+    try:
+      tree = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state").tree
+    except (OSError, ValueError, KeyError):
+      return   # unreadable metadata: let the restore report it
+    saved = _temporal_head_of(tree.get("params"))
+    wanted = config.model.temporal.name
+    if saved != wanted:
+      mode = lambda head: "frame mode" if head == "none" else f"temporal head {head!r}"  # noqa: E731
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory / str(step)} holds a model with {mode(saved)}, but the "
+          f"config asks for {mode(wanted)} (model.temporal.name={wanted!r}); use the config the "
+          "run was trained with (its config.json), or a new --workdir")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -74,6 +74,12 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                            async_save=config.train.async_checkpointing)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    # Before config.json is rewritten: a resume with another model must not lose the record.
+    checkpointer.check_temporal_head(latest, config)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   train_index = store.load_split(config.data.data_dir, "train")
   write_run_files(config, workdir, train_index)
@@ -86,9 +92,6 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   tx, schedule = optimizer.make_optimizer(config.train, total_steps)
   spec = state_lib.ModelSpec(config.model)
   state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
-  checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                            async_save=config.train.async_checkpointing)
-  latest = checkpointer.latest_step()
   if latest is not None:
     console.say(f"Resuming from {checkpointer.directory} step {latest}")
     state = checkpointer.restore(latest, state_lib.abstract_state(state_sh, spec, tx),
@@ -247,6 +250,7 @@ def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> d
   run = build_run(config, workdir)
   step = run.checkpointer.best_step() if which == "best" else None
   step = step if step is not None else run.checkpointer.latest_step()
+  run.checkpointer.check_temporal_head(step, config)
   state = run.checkpointer.restore_state_only(
       step, state_lib.abstract_state(run.state_sh, run.spec, run.tx))
   result = evaluate(run, state.params)
