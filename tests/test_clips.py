@@ -244,3 +244,17 @@ def test_window_eval_scores_every_valid_frame(data_dir, hosts):
   np.testing.assert_array_equal(np.bincount(scored, minlength=len(index))[valid], 2)
   np.testing.assert_array_equal(rows["label"][rows["mask"]], index.label[scored])
   assert (index.label[rows["index"][rows["present"] & ~rows["mask"]]] < 0).all()
+
+
+def test_main_refuses_a_hop_larger_than_the_clip_in_one_line(tmp_path):
+  import pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+      [sys.executable, str(root / "main.py"), f"--config={root / 'tests/configs/tiny.py'}",
+       f"--workdir={tmp_path}", "--config.data.sequence.length=4",
+       "--config.data.sequence.hop=5"], cwd=root, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == errors.EXIT_USAGE, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: data.sequence.hop=5 is larger than data.sequence.length=4: windows would skip "
+      "frames; use a hop between 1 and the length (0 = length // 2)"]
+  assert not any(tmp_path.iterdir())      # nothing was started
