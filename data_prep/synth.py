@@ -76,7 +76,6 @@ import multiprocessing
 import os
 import pathlib
 import shutil
-import sys
 import time
 
 import cv2

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from data_prep import media_write, synth_render
+from mfer_jax import constants
 from mfer_jax.media import decode
+from mfer_jax.prediction import frames as frames_lib, labels
 from mfer_jax.prediction import predictor as predictor_lib
 from mfer_jax.prediction import videos as predict
-from mfer_jax.data import store
-from mfer_jax.prediction import frames as frames_lib, labels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 192, 256
