@@ -126,17 +126,37 @@ def _dtype(c: ConfigDict, value: str) -> None:
   c.model.dtype = value
 
 
+def set_clip_length(c: ConfigDict, length: int) -> None:
+  """Sets ``data.sequence.length`` and keeps the frames per batch and per epoch.
+
+  ``data.batch_size``, ``data.eval_batch_size`` and a non-zero ``data.sampling.epoch_size``
+  count clips (or windows), so they are scaled by old length / new length (at least 1): a
+  frame-mode config with batch 32 becomes 2 clips of 16 frames, and its ablation rows compare
+  heads at the same compute per step and the same frames per epoch.
+  """
+  old = int(c.data.sequence.length)
+  length = int(length)
+  if length < 1:
+    raise ValueError(f"clip={length}: the clip length must be >= 1")
+  rescale = lambda n: max(1, int(n) * old // length)  # noqa: E731
+  c.data.batch_size = rescale(c.data.batch_size)
+  c.data.eval_batch_size = rescale(c.data.eval_batch_size)
+  if c.data.sampling.epoch_size:
+    c.data.sampling.epoch_size = rescale(c.data.sampling.epoch_size)
+  c.data.sequence.length = length
+
+
 def _temporal(c: ConfigDict, value: str) -> None:
   if value not in TEMPORAL_HEADS:
     raise ValueError(f"temporal={value!r}: choose one of {TEMPORAL_HEADS}")
   c.model.temporal.name = value
   if value != "none" and c.data.sequence.length == 1:
     # A temporal head needs clips; 'none' keeps the config's mode (frames by default).
-    c.data.sequence.length = DEFAULT_CLIP_LENGTH
+    set_clip_length(c, DEFAULT_CLIP_LENGTH)
 
 
 def _clip(c: ConfigDict, value: str) -> None:
-  c.data.sequence.length = int(value)
+  set_clip_length(c, int(value))
 
 
 VARIANT_KEYS: dict[str, Callable[[ConfigDict, str], None]] = {

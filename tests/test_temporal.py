@@ -146,8 +146,12 @@ def test_temporal_config_is_validated():
   with pytest.raises(errors.UsageError, match="odd"):
     config_lib.validate(c)
   c = config_lib.apply_variant_args(config_lib.base_config(), "temporal=tcn")
-  assert c.data.sequence.length == config_lib.DEFAULT_CLIP_LENGTH
+  assert c.data.sequence.length == config_lib.DEFAULT_CLIP_LENGTH == 16
+  # Frames per batch kept: the base config's 64 frames become 4 clips of 16.
+  assert (c.data.batch_size, c.data.eval_batch_size) == (4, 4)
   config_lib.validate(c)
+  c = config_lib.apply_variant_args(config_lib.base_config(), "clip=8,temporal=transformer")
+  assert (c.data.sequence.length, c.data.batch_size) == (8, 8)
 
 
 def _focal_reference(logits, labels, gamma, alpha=None, smoothing=0.0):

@@ -57,7 +57,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     sampling.adaptive_beta: beta > 0 multiplies class weights by (1 - F1_c)^beta, with the
       latest validation F1 passed to ``TrainIterator.set_class_f1``; 0 = off.
     sequence.length: frames per clip T (`mfer_jax.data.clips`); 1 is frame mode (batches
-      without a time axis, exactly as before clips existed). With T > 1 the sampling keys
+      without a time axis, exactly as before clips existed). With T > 1, batch_size and
+      eval_batch_size count clips (windows), so a batch holds T times as many frames (the
+      ``clip=T`` and ``temporal=`` config arguments divide them by T), and the sampling keys
       above apply to clips: a draw is a clip, its class weight comes from its labelled frames
       (`mfer_jax.data.sampling`), ``epoch_size`` counts clips and 0 means ceil(candidates / T)
       (about as many frames as frame mode), and ``stratify_chunk`` chunks the clips' first
