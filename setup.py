@@ -2,8 +2,9 @@
 
 import setuptools
 
-# Versions that resolve together on Python 3.11 (shared/DESIGN.md §6). Compatible-release pins
-# keep patch updates while a fresh clone gets the set the tests were run against.
+# Versions that resolve together on Python 3.11. Compatible-release pins keep patch updates
+# while a fresh clone gets the set the tests were run against; bitwise reproducibility needs
+# the same versions (docs/resume.md#what-is-deterministic).
 INSTALL_REQUIRES = [
     "jax~=0.10.2",
     "jaxlib~=0.10.2",

@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -34,11 +33,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mfer_jax import cli, errors
 from mfer_jax.models import swin
 from mfer_jax.models import swin_import
 from mfer_jax.testing.timm_reference import timm, torch
 
-_BATCH = flags.DEFINE_integer("batch", 16, "images per step")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "images per step")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "alternating timing rounds")
 _STEPS = flags.DEFINE_integer("steps", 2, "steps per configuration per round")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU cores to use (affinity + torch threads)")
@@ -152,13 +152,12 @@ def _reexec_with_allocator() -> None:
   if _ALLOCATOR.value == "glibc" or os.environ.get("LD_PRELOAD", "").endswith(JEMALLOC):
     return
   if not os.path.exists(JEMALLOC):
-    raise app.UsageError(f"--allocator=jemalloc needs {JEMALLOC} (apt-get install libjemalloc2)")
+    raise errors.UserError(f"--allocator=jemalloc needs {JEMALLOC} (apt-get install libjemalloc2)")
   env = dict(os.environ, LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
   os.execve(sys.executable, [sys.executable, "-m", "bench.encoder", *sys.argv[1:]], env)
 
 
-def main(argv):
-  del argv
+def main() -> None:
   _reexec_with_allocator()
   os.sched_setaffinity(0, set(range(_THREADS.value)))
   torch.set_num_threads(_THREADS.value)
@@ -202,4 +201,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,9 +18,9 @@ import resource
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 
+from mfer_jax import cli
 from mfer_jax.data import config as data_config
 from mfer_jax.data import pipeline
 from mfer_jax.data import store
@@ -32,8 +32,8 @@ _READ_THREADS = flags.DEFINE_integer("read_threads", 1, "batch-building threads 
 _BATCH = flags.DEFINE_integer("batch_size", 64, "global batch size")
 _STEPS = flags.DEFINE_integer("steps", 60, "batches to time (after warm-up)")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "batches before timing starts")
-_VIDEOS = flags.DEFINE_integer("videos", 20, "fake dataset: train videos")
-_FRAMES = flags.DEFINE_integer("frames", 200, "fake dataset: frames per video")
+_VIDEOS = flags.DEFINE_integer("num_videos", 20, "fake dataset: train videos")
+_FRAMES = flags.DEFINE_integer("frames_per_video", 200, "fake dataset: frames per video")
 
 
 def _cpu_seconds() -> float:
@@ -68,8 +68,7 @@ def _run(data_dir: str) -> None:
         f"({cpu:.1f} CPU-s for {total} examples, start-up included)")
 
 
-def main(argv):
-  del argv
+def main() -> None:
   if _DATA_DIR.value:
     _run(_DATA_DIR.value)
     return
@@ -80,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

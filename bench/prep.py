@@ -23,11 +23,11 @@ import resource
 import sys
 import tempfile
 
-from absl import app
 from absl import flags
 from array_record.python import array_record_module
 
 from data_prep import build
+from mfer_jax import cli
 from mfer_jax.data import records
 from mfer_jax.data import store
 
@@ -57,8 +57,7 @@ def _record_parts(out: pathlib.Path, split: str) -> tuple[int, int, int, int]:
   return n, size, face, mel
 
 
-def main(argv):
-  del argv
+def main() -> None:
   from data_prep import synth  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -87,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

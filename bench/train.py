@@ -30,10 +30,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mfer_jax import config_lib, sharding
+from mfer_jax import cli, config_lib, sharding
 from mfer_jax.data import pipeline, store
 from mfer_jax.training import optimizer, state as state_lib, step as step_lib
 from mfer_jax.testing import fake_data
@@ -121,8 +121,7 @@ def _compare_temporal(base, data_dir):
   print(f"peak resident memory: {_peak_rss_gb():.2f} GB")
 
 
-def main(argv):
-  del argv
+def main() -> None:
   config = _CONFIG.value
   if _BATCH.value:
     config.data.batch_size = _BATCH.value
@@ -153,4 +152,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -2,7 +2,7 @@
 
     python -m data_prep.synth --out=data/synth --num_videos=16 --seed=0 --workers=2
 
-Layout (DESIGN.md §2)::
+Layout (the real one is described in data_prep/README.md, "The layout read")::
 
     DIR/batch1/<video>.mp4|.avi, DIR/batch2/...         media, split over two batch folders
     DIR/cropped_aligned/<name>/<NNNNN>.jpg              112x112 face crops, NNNNN = 1-based
@@ -92,7 +92,7 @@ CLASS_NAMES = constants.CLASS_NAMES
 HEADER = constants.ANNOTATION_HEADER
 FACE_CODE = (0, 3, 3, 2, 1, 2, 1, 0)
 AUDIO_CODE = (0, 3, 2, 3, 0, 1, 2, 1)
-# Aff-Wild2's valid frames per class, in thousands (DESIGN.md §2).
+# Aff-Wild2's valid frames per class, in thousands (docs/data.md#aff-wild2-in-numbers).
 CLASS_FREQ = np.array([262.6, 23.3, 16.3, 17.6, 129.3, 106.3, 43.0, 278.1]) / 876.5
 ANNOTATION_DIR = pathlib.Path("annotations", "EXPR_Recognition_Challenge")
 SPLIT_DIRS = {"train": "Train_Set", "validation": "Validation_Set"}

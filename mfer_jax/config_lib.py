@@ -25,7 +25,8 @@ def _encoder(in_chans: int) -> ConfigDict:
       "variant": "tiny",          # tiny | small | base | large | test sizes (models/swin.py)
       "img_size": (224, 224),     # encoder input (H, W); faces / mels are resized on device
       "window_size": 7,
-      "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = summed RGB kernel
+      "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = one grey channel
+                                  # (3-channel init files are folded in exactly)
       "drop_path_rate": 0.1,
       "init_file": "",            # params from `python -m mfer_jax.tools.convert` ('' = scratch)
   })

@@ -19,7 +19,9 @@ FACE_SIZE = 112
 # Fusion variants (mfer_jax.models.fusion), in ablation-table order.
 FUSION_VARIANTS = ("visual_only", "audio_only", "concat", "sum", "gated", "mfm")
 SINGLE_MODALITY_FUSIONS = ("visual_only", "audio_only")
-# Variants whose modality weights are fixed by construction rather than learned.
+# Variants whose reported modality gates are fixed by construction rather than learned:
+# the single-modality ones (1 for their modality), sum (equal weights it really applies) and
+# concat (no mixing weights; it reports the same availability split as sum).
 FIXED_GATE_FUSIONS = ("visual_only", "audio_only", "concat", "sum")
 
 # Train-set sampling modes (mfer_jax.data.sampling): weighted resampling, or each frame once.

@@ -45,7 +45,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = MESH_AXES
   """Builds a mesh over all (or the given) devices; one ``-1`` entry takes the remainder.
 
   Axis types are Auto, so jit partitions GSPMD-style from in/out shardings and constraints
-  (``jax.make_mesh`` defaults to Explicit, DESIGN.md §6).
+  (``jax.make_mesh`` defaults to Explicit; docs/sharding.md).
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)

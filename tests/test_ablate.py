@@ -7,7 +7,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -68,15 +67,18 @@ def test_sweep_finishes_every_run_and_the_table_matches_the_evals(sweep):
   assert md.count(": not testable.") == 2
 
 
-def test_second_invocation_reruns_nothing(sweep):
+def test_second_invocation_reruns_nothing(sweep, tmp_path):
+  """Nothing is started: the interpreter given for the runs would leave a trace if called."""
   workdir, kwargs, _ = sweep
   before = _mtimes(workdir / f"{FUSIONS[0]}-dynamic-seed0")
   before.update(_mtimes(workdir / f"{FUSIONS[1]}-dynamic-seed0"))
-  t0 = time.monotonic()
-  statuses = sweep_lib.run_sweep(**kwargs)
-  elapsed = time.monotonic() - t0
+  called = tmp_path / "called"
+  tripwire = tmp_path / "python.sh"
+  tripwire.write_text(f"#!/bin/sh\necho \"$@\" >> {called}\nexit 3\n")
+  tripwire.chmod(0o755)
+  statuses = sweep_lib.run_sweep(**kwargs, python=str(tripwire))
   assert [s.status for s in statuses] == ["finished", "finished"]
-  assert elapsed < 15, f"a sweep with nothing to do took {elapsed:.1f} s"
+  assert not called.exists(), called.read_text()
   after = _mtimes(workdir / f"{FUSIONS[0]}-dynamic-seed0")
   after.update(_mtimes(workdir / f"{FUSIONS[1]}-dynamic-seed0"))
   assert after == before

@@ -42,7 +42,8 @@ def test_window_eval_on_devices_matches_sklearn(tiny_data_dir, hosts):
   state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
   # Spread the logits so that frames get different classes.
   params = jax.tree.map(lambda p: p, state.params)
-  params["fusion"]["head"]["kernel"].value = params["fusion"]["head"]["kernel"].value * 300
+  kernel = params["fusion"]["head"]["kernel"]
+  kernel[...] = kernel[...] * 300
   index = store.load_split(config.data.data_dir, "validation")
   pipes = [pipeline.make_eval_pipeline(config.data, index, process_index=p, process_count=hosts)
            for p in range(hosts)]
@@ -121,16 +122,17 @@ def test_temporal_prediction_scores_every_frame_from_its_windows(tcn_run):
   windows = [[-1, -1, 0, 1], [0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9],
              [8, 9, 10, -1], [10, -1, -1, -1]]    # every frame in exactly T / hop = 2
   spec = state_lib.ModelSpec(config.model)
-  model = spec.merge(predictor._params)   # pylint: disable=protected-access
+  forward = jax.jit(lambda p, *inputs: spec.merge(p)(*inputs)["logits"])
   sums = np.zeros((n, 8))
   for w in windows:
     w = np.asarray(w)
     p = w >= 0
     take = np.maximum(w, 0)
-    out = model(np.where(p[:, None, None, None], face[take], 0)[None],
-                np.where(p[:, None, None], mel[take], 0)[None], (has_face[take] & p)[None],
-                p[None])
-    sums[w[p]] += np.asarray(out["logits"])[0][p]
+    logits = forward(predictor._params,   # pylint: disable=protected-access
+                     np.where(p[:, None, None, None], face[take], 0)[None],
+                     np.where(p[:, None, None], mel[take], 0)[None], (has_face[take] & p)[None],
+                     p[None])
+    sums[w[p]] += np.asarray(logits)[0][p]
   mean = sums / np.bincount(np.concatenate(windows)[np.concatenate(windows) >= 0])[:, None]
   ref = np.exp(mean - mean.max(-1, keepdims=True))
   np.testing.assert_allclose(probs, ref / ref.sum(-1, keepdims=True), atol=1e-5)
@@ -149,7 +151,7 @@ def test_a_checkpoint_of_another_mode_is_a_one_line_error(tcn_run, tmp_path):
     (other / "features.json").write_bytes((workdir / "features.json").read_bytes())
     edited = json.loads(json.dumps(saved))
     edited["model"]["temporal"]["name"] = name
-    edited["data"]["sequence"]["length"] = length
+    edited["data"]["sequence"].update(length=length, hop=0)
     (other / "config.json").write_text(json.dumps(edited))
     with pytest.raises(checkpointing.CheckpointMismatchError, match=message):
       predictor_lib.Predictor(other)

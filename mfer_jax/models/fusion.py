@@ -5,15 +5,19 @@ Variants are name-keyed (``config.model.fusion.name``) so ablations are a config
   visual_only  face tokens only
   audio_only   audio tokens only
   concat       pooled features concatenated
-  sum          pooled features added
+  sum          pooled features mixed with fixed equal weights (their mean)
   gated        adaptive modality weights on the pooled features, no cross-attention
   mfm          the Modal Fusion Module: L bidirectional cross-attention blocks, then the
-               adaptive modality weights (DESIGN.md §1)
+               adaptive modality weights (docs/method.md)
 
 Every variant returns ``(logits [B, classes], gates [B, 2])``; ``gates`` are the weights given
-to (visual, audio) and sum to 1. Fixed-weight variants report their fixed split, so gate
-statistics are comparable across an ablation. A modality that is unavailable for an example
-(no face crop, or blanked by modality dropout) gets weight 0 and its tokens are zeroed.
+to (visual, audio) and sum to 1. A modality that is unavailable for an example (no face crop,
+or blanked by modality dropout) gets weight 0 and its tokens are zeroed. For ``gated``,
+``mfm`` and ``sum`` the head sees exactly ``gates[:, 0] * visual + gates[:, 1] * audio``:
+``sum`` has fixed gates (1/2 each, or 1 for the only available modality), learned ones
+otherwise. ``concat`` has no mixing weights (the head sees both features side by side); its
+gates are the same fixed availability split, reported so gate statistics line up across an
+ablation. The single-modality variants report 1 for their modality.
 """
 
 from __future__ import annotations
@@ -133,8 +137,6 @@ class Fusion(nnx.Module):
     gates = self._gates(pv, pa, avail)
     if self.name == "concat":
       fused = jnp.concatenate([pv, pa], axis=-1)
-    elif self.name == "sum":
-      fused = pv + pa
     else:
       fused = gates[:, :1].astype(pv.dtype) * pv + gates[:, 1:].astype(pa.dtype) * pa
     return fused, gates

@@ -1,7 +1,7 @@
 """Two-operand einsum for the Swin layers: float32, or bf16-in / f32-out for AMX CPUs.
 
-float32 is a plain ``jnp.einsum`` with JAX's autodiff: on this machine (DESIGN.md §6) that was
-measured fastest, XLA choosing layouts itself.
+float32 is a plain ``jnp.einsum`` with JAX's autodiff: on the development machine that was
+measured fastest, XLA choosing layouts itself (docs/performance.md).
 
 With a low-precision ``dtype`` (bfloat16) both passes keep bf16 operands and float32
 accumulation (``preferred_element_type``), which is what runs on AMX; JAX's own transpose of a

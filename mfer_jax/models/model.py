@@ -14,20 +14,17 @@ from ml_collections import ConfigDict
 
 from mfer_jax import sharding
 from mfer_jax.models import fusion as fusion_lib
+from mfer_jax.models import normalisation
 from mfer_jax.models import swin
 from mfer_jax.models import temporal as temporal_lib
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _normalise(x: jax.Array, channels: int) -> jax.Array:
-  """ImageNet mean/std; a 1-channel input uses the channel means, matching a summed kernel."""
-  mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
-  if channels == 1:
-    mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
-  return (x - mean) / std
+  """ImageNet mean/std for 3 channels, one grey mean/std for 1 (`models.normalisation`)."""
+  mean, std = normalisation.input_stats(channels)
+  return (x - jnp.asarray(mean)) / jnp.asarray(std)
 
 
 def face_to_input(face: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -42,7 +39,8 @@ def mel_to_input(mel: jax.Array, size: tuple[int, int], channels: int) -> jax.Ar
   """uint8 log-mel [B, n_mels, T] -> normalised float32 [B, H, W, channels].
 
   Mel bins run along the image height and time along the width, like the authors' rendered
-  spectrogram images; ``channels=3`` repeats the map as they did.
+  spectrogram images; ``channels=3`` repeats the map as they did, ``channels=1`` feeds it once
+  (a 3-channel init file is folded into it exactly, see `models.normalisation`).
   """
   x = mel.astype(jnp.float32)[..., None] / 255.0
   if x.shape[1:3] != tuple(size):
