@@ -258,3 +258,18 @@ def test_main_refuses_a_hop_larger_than_the_clip_in_one_line(tmp_path):
       "error: data.sequence.hop=5 is larger than data.sequence.length=4: windows would skip "
       "frames; use a hop between 1 and the length (0 = length // 2)"]
   assert not any(tmp_path.iterdir())      # nothing was started
+
+
+def test_clip_batches_are_the_same_with_worker_processes(data_dir):
+  cfg = _cfg(data_dir, length=5, stride=2)
+  index = store.load_split(data_dir, "train")
+  expected = [next(it) for it in [pipeline.make_train_iterator(cfg, index)] for _ in range(3)]
+  cfg.num_workers = 2
+  it = pipeline.make_train_iterator(cfg, index)
+  try:
+    for want in expected:
+      got = next(it)
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  finally:
+    it.close()
