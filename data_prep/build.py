@@ -2,6 +2,13 @@
 
     python -m data_prep.build --root=AFFWILD2_DIR --out=DATA_DIR \\
         [--splits=train,validation,test] [--workers=N] [--test_list=FILE] [--n_mels=64] ...
+    python -m data_prep.build --root=AFFWILD2_DIR --out=DATA_DIR --detect   # no crops folder
+    python -m data_prep.build --manifest=clips.csv --out=DATA_DIR           # any dataset
+
+With ``--detect``, names whose ``cropped_aligned`` folder is missing or incomplete get their
+crops from the face detector, tracker and aligner prediction uses (`mfer_jax.media.faces`).
+``--manifest`` reads any labelled video dataset from a CSV (`data_prep.manifest`); its faces
+are always detected. Both write the same records.
 
 One shard per annotation file (test: per listed video), one record per annotated valid frame
 (train/validation) or per decoded frame (test, label -1); see data_prep/README.md for the
@@ -27,14 +34,20 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from absl import flags
 
+from data_prep import manifest as manifest_lib
 from mfer_jax import cli, constants, errors, files
 from mfer_jax.data import affwild2
 from mfer_jax.media import audio_features
 from mfer_jax.media import decode
+from mfer_jax.media import faces
 from mfer_jax.data import records
 from mfer_jax.data import store
 
 FACE_SIZE = constants.FACE_SIZE
+# With --detect, a crops folder covering fewer than this fraction of the video's decoded
+# frames counts as incomplete (a partial extraction) and the faces are detected instead.
+# Aff-Wild2's own folders miss only the frames without a visible face, far fewer than half.
+MIN_CROP_COVERAGE = 0.5
 
 
 class BuildError(errors.UserError, RuntimeError):
@@ -50,8 +63,14 @@ class VideoJob:
     name: annotation name (``_left``/``_right`` kept).
     media: media file path.
     media_rel: media path relative to the root (written to the metadata).
-    crops: this name's crop folder (may not exist).
-    annotation: annotation file path; None for test videos.
+    crops: this name's crop folder (may not exist; "" for none).
+    annotation: annotation (per-frame label) file path; None for test videos and clip labels.
+    clip_label: a class index for every frame (manifest clip labels), or None.
+    detect: detect, track and align the faces when the crops folder is missing or incomplete
+      (`MIN_CROP_COVERAGE`); manifest jobs always detect.
+    person: the face track to crop when detecting ("largest", "left", "right").
+    detect_every: the detector runs every k-th frame (`mfer_jax.media.track`).
+    origin: where the job comes from, for messages (a manifest's ``file:line``), or "".
   """
 
   split: str
@@ -60,14 +79,26 @@ class VideoJob:
   media_rel: str
   crops: str
   annotation: str | None = None
+  clip_label: int | None = None
+  detect: bool = False
+  person: str = "largest"
+  detect_every: int = 1
+  origin: str = ""
 
   def fingerprint(self) -> dict[str, Any]:
-    """Sizes and mtimes of the inputs: a finished video is rebuilt when they change."""
-    out = {}
+    """Sizes and mtimes of the inputs, and the face and label settings: a finished video is
+    rebuilt when they change."""
+    out: dict[str, Any] = {}
     for key, path in (("media", self.media), ("annotation", self.annotation)):
       if path:
         st = os.stat(path)
         out[key] = [st.st_size, st.st_mtime_ns]
+    # Only when set, so sidecars of builds from crops folders stay valid.
+    if self.clip_label is not None:
+      out["clip_label"] = self.clip_label
+    if self.detect:
+      out["faces"] = {"detect": True, "person": self.person, "detect_every": self.detect_every,
+                      "crop_style": faces.CROP_STYLE}
     return out
 
 
@@ -89,13 +120,16 @@ class PreparedVideo:
   has_face: np.ndarray
   warnings: list[str]
   _windows: audio_features.FrameWindows
+  _detected: dict[int, bytes] | None = None
 
   def frame_records(self) -> Iterator[records.FrameRecord]:
     """The video's records, in frame order (reads the crop files as it goes)."""
     for frame, label, has_face in zip(self.frame.tolist(), self.label.tolist(),
                                       self.has_face.tolist()):
       face = b""
-      if has_face:
+      if has_face and self._detected is not None:
+        face = self._detected[frame]
+      elif has_face:
         # Passed through unchanged: no JPEG re-encode, no quality loss, no CPU.
         with open(os.path.join(self.job.crops, f"{frame:05d}.jpg"), "rb") as f:
           face = f.read()
@@ -149,10 +183,11 @@ def prepare_video(job: VideoJob, params: audio_features.FeatureParams,
       labels = affwild2.parse_annotation(job.annotation)
     except affwild2.AnnotationError as e:
       raise SkipVideo(f"{e} (file skipped)") from None
-  decoded = (media_cache or {}).get(job.media) or _decode_media(job.media, params)
-  if media_cache is not None:
-    media_cache.clear()   # keep one media: the jobs sharing it are adjacent
-    media_cache[job.media] = decoded
+  cache = media_cache if media_cache is not None else {}
+  if job.media not in cache:
+    cache.clear()   # keep one media: the jobs sharing it are adjacent
+    cache[job.media] = _decode_media(job.media, params)
+  decoded = cache[job.media]
   if isinstance(decoded, SkipVideo):
     raise SkipVideo(f"{decoded} (corrupt media, {job.name} skipped)")
   info, mel, media_flags, media_warnings = decoded
@@ -162,7 +197,10 @@ def prepare_video(job: VideoJob, params: audio_features.FeatureParams,
   windows = audio_features.frame_windows(mel, info.fps, n, params)
 
   entry: dict[str, Any] = {}
-  if labels is None:   # test: every decoded frame, unlabelled
+  if job.clip_label is not None:   # one label for the whole clip
+    label = np.full(n, job.clip_label, np.int32)
+    entry["clip_label"] = job.clip_label
+  elif labels is None:   # test: every decoded frame, unlabelled
     label = np.full(n, -1, np.int32)
   else:
     entry["annotation_frames"] = int(labels.size)
@@ -174,14 +212,23 @@ def prepare_video(job: VideoJob, params: audio_features.FeatureParams,
     label = np.full(n, -1, np.int32)
     label[:min(n, labels.size)] = labels[:n]
   frame = np.arange(1, n + 1, dtype=np.int32)
-  if labels is not None:
+  if labels is not None or job.clip_label is not None:
     keep = label >= 0
     frame, label = frame[keep], label[keep]
 
-  crops = affwild2.list_crops(job.crops)
-  if not crops:
+  crops = affwild2.list_crops(job.crops) if job.crops else set()
+  detected = None
+  if job.detect and len(crops) < MIN_CROP_COVERAGE * n:
+    detected = _detected_crops(job, set(frame.tolist()), cache)
+    crops = set(detected)
+    flags.append("detected_faces")
+    if not crops:
+      warnings.append(f"{job.media}: no face found ({job.person}); every record of "
+                      f"{job.name} has no face")
+  elif not crops:
     flags.append("no_crops")
-    warnings.append(f"{job.crops}: no face crops; every record of {job.name} has no face")
+    warnings.append(f"{job.crops or job.media}: no face crops; every record of {job.name} "
+                    "has no face (build with --detect to detect them)")
   has_face = np.fromiter((f in crops for f in frame.tolist()), bool, count=frame.size)
 
   entry.update({
@@ -191,7 +238,26 @@ def prepare_video(job: VideoJob, params: audio_features.FeatureParams,
       "audio_channels": info.channels, "media": job.media_rel, "flags": flags,
       "num_records": int(frame.size), "num_faces": int(has_face.sum())})
   return PreparedVideo(job=job, entry=entry, frame=frame, label=label, has_face=has_face,
-                       warnings=warnings, _windows=windows)
+                       warnings=warnings, _windows=windows, _detected=detected)
+
+
+def _detected_crops(job: VideoJob, wanted: set[int], cache: dict) -> dict[int, bytes]:
+  """Frame -> JPEG crop of the job's person, detected, tracked and aligned like prediction's
+  faces (`mfer_jax.media.faces`), for the frames in ``wanted``."""
+  key = ("tracks", job.media, job.detect_every)
+  if key not in cache:   # a _left/_right pair tracks its media once
+    try:
+      cache[key] = faces.track_video(job.media, detect_every=job.detect_every)
+    except decode.MediaError as e:
+      raise SkipVideo(f"{e} (corrupt media, {job.name} skipped)") from None
+  chosen = cache[key].select(job.person)
+  if not chosen:
+    return {}
+  out = {}
+  for number, (crop,) in faces.aligned_faces(job.media, [chosen[0][1]], FACE_SIZE):
+    if crop is not None and number in wanted:
+      out[number] = faces.encode_crop(crop)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,15 +318,16 @@ def process_video(job: VideoJob, params: audio_features.FeatureParams, out: str,
   """Builds one video's shard and sidecar."""
   start = time.process_time()
   result = VideoResult(split=job.split, name=job.name)
+  origin = f"{job.origin}: " if job.origin else ""
   try:
     video = prepare_video(job, params, media_cache)
   except SkipVideo as e:
-    result.skipped = str(e)
+    result.skipped = origin + str(e)
   else:
     result.warnings = video.warnings
     if video.frame.size == 0:
-      result.skipped = (f"{job.annotation or job.media}: no valid frame (every label is -1); "
-                        f"{job.name} left out")
+      result.skipped = (f"{origin}{job.annotation or job.media}: no valid frame (every label "
+                        f"is -1); {job.name} left out")
     else:
       shard = store.shard_path(out, job.split, job.name)
       store.write_shard(shard, (records.encode_record(r) for r in video.frame_records()))
@@ -288,8 +355,16 @@ class Plan:
 
 
 def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
-              test_list: str | os.PathLike | None = None) -> Plan:
+              test_list: str | os.PathLike | None = None, detect: bool = False,
+              detect_every: int = 1) -> Plan:
   """Lists the jobs of the requested splits, and the annotations that cannot become one.
+
+  Args:
+    root, splits, test_list: see `build`.
+    detect: detect faces where a name's crops folder is missing or incomplete; the person is
+      named by the annotation name (``x_left``: the left one, ``x_right``: the right one,
+      otherwise the largest).
+    detect_every: see `VideoJob`.
 
   Raises:
     BuildError: wrong root, a missing or empty annotation folder, no media, or no test list.
@@ -330,10 +405,37 @@ def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
                              f"{affwild2.media_stem(name)}.<ext> in batch*/); skipped"))
         continue
       seen[name] = split
+      side = affwild2.side(name)
       plan.jobs.append(VideoJob(split=split, name=name, media=str(path),
                                 media_rel=path.relative_to(root).as_posix(),
                                 crops=str(affwild2.crops_dir(root, name)),
-                                annotation=annotation))
+                                annotation=annotation, detect=detect,
+                                person=side or "largest", detect_every=detect_every))
+  return plan
+
+
+def plan_manifest(manifest: str | os.PathLike, splits: Sequence[str],
+                  detect_every: int = 1) -> Plan:
+  """The jobs of a manifest's rows (`data_prep.manifest`); bad rows are skipped with their
+  line numbers.
+
+  Raises:
+    BuildError: the manifest cannot be read as a whole (see `manifest.read_manifest`).
+  """
+  try:
+    read = manifest_lib.read_manifest(manifest, splits)
+  except manifest_lib.ManifestError as e:
+    raise BuildError(str(e)) from None
+  plan = Plan([], [], list(read.warnings))
+  for line, why in read.bad:
+    plan.skipped.append(("?", f"line {line}", f"{read.path}:{line}: {why}; row skipped"))
+  for e in read.entries:
+    plan.jobs.append(VideoJob(split=e.split, name=e.name, media=e.video, media_rel=e.video_rel,
+                              crops="", annotation=e.label_file, clip_label=e.clip_label,
+                              detect=True, person=e.person, detect_every=detect_every,
+                              origin=f"{read.path}:{e.line}"))
+  # Rows keep their manifest order within a split; the pool groups the jobs of one media.
+  plan.jobs.sort(key=lambda j: constants.SPLITS.index(j.split))
   return plan
 
 
@@ -459,27 +561,36 @@ def _remove_stale_temporaries(out: pathlib.Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def build(root: str | os.PathLike, out: str | os.PathLike,
+def build(root: str | os.PathLike | None, out: str | os.PathLike,
           splits: Sequence[str] = constants.SPLITS, workers: int = 1,
           params: audio_features.FeatureParams | None = None,
           test_list: str | os.PathLike | None = None,
-          log: Callable[[str], None] | None = print) -> Summary:
-  """Builds (or finishes) the prepared dataset in ``out`` from the raw layout in ``root``.
+          log: Callable[[str], None] | None = print, *,
+          manifest: str | os.PathLike | None = None, detect: bool = False,
+          detect_every: int = 1) -> Summary:
+  """Builds (or finishes) the prepared dataset in ``out`` from ``root`` or a ``manifest``.
 
   Args:
-    root: Aff-Wild2 root (batch*/, cropped_aligned/, annotations/, test list).
+    root: Aff-Wild2 root (batch*/, cropped_aligned/, annotations/, test list); None with a
+      manifest.
     out: dataset directory to write.
     splits: splits to build, any of "train", "validation", "test".
     workers: worker processes (videos are the unit of work).
     params: log-mel parameters (defaults: `audio_features.FeatureParams()`).
     test_list: test names file; default: the one ``*test*set*.txt`` under root.
     log: prints progress and warnings (None: silent).
+    manifest: a CSV of labelled videos (`data_prep.manifest`) instead of ``root``; its faces
+      are always detected.
+    detect: with ``root``, detect, track and align the faces of names whose
+      ``cropped_aligned`` folder is missing or incomplete (`MIN_CROP_COVERAGE`).
+    detect_every: run the face detector every k-th frame (faster; see docs/faces.md).
 
   Returns:
     The `Summary` (also printed through ``log``).
 
   Raises:
-    BuildError: wrong root or layout, unknown split, or no usable video at all.
+    BuildError: wrong root or layout, an unreadable manifest, unknown split, or no usable
+      video at all.
   """
   say = log or (lambda _: None)
   params = params or audio_features.FeatureParams()
@@ -487,9 +598,18 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
   unknown = [s for s in splits if s not in constants.SPLITS]
   if unknown or not splits:
     raise BuildError(f"unknown split(s) {unknown}; choose from {','.join(constants.SPLITS)}")
+  if (root is None) == (manifest is None):
+    raise BuildError("give exactly one of --root (an Aff-Wild2 layout) or --manifest (a CSV "
+                     "of labelled videos)")
+  if detect_every < 1:
+    raise BuildError(f"--detect_every={detect_every}: must be at least 1")
   out = pathlib.Path(out)
   start = time.time()
-  plan = plan_jobs(root, splits, test_list)
+  if manifest is not None:
+    plan = plan_manifest(manifest, splits, detect_every)
+    root = pathlib.Path(manifest).parent
+  else:
+    plan = plan_jobs(root, splits, test_list, detect, detect_every)
   for w in plan.warnings:
     say(f"warning: {w}")
   for _, _, why in plan.skipped:
@@ -557,7 +677,8 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
     summary.num_records[split] = int(label.size)
     summary.class_counts[split] = counts
   if not meta["videos"]:
-    raise BuildError(f"no usable video in {root} for splits {','.join(splits)}; see the "
+    source = manifest if manifest is not None else root
+    raise BuildError(f"no usable video in {source} for splits {','.join(splits)}; see the "
                      "errors above. Nothing was written.")
   files.atomic_write_json(out / store.METADATA, meta)
   summary.wall_seconds = time.time() - start
@@ -570,7 +691,14 @@ def _define_flags() -> None:
   # their processes must not grow --root/--out flags.
   defaults = audio_features.FeatureParams()
   flags.DEFINE_string("root", None, "Aff-Wild2 root (batch*/, cropped_aligned/, annotations/, "
-                      "test list).", required=True)
+                      "test list).")
+  flags.DEFINE_string("manifest", None, "Instead of --root: a CSV of labelled videos (video, "
+                      "label, person, split, name); see data_prep/README.md.")
+  flags.DEFINE_bool("detect", False, "--root: detect, track and align the faces of names "
+                    "whose cropped_aligned folder is missing or incomplete (--manifest "
+                    "always does).")
+  flags.DEFINE_integer("detect_every", 1, "Run the face detector every k-th frame and follow "
+                       "the faces in between (faster).", lower_bound=1)
   flags.DEFINE_string("out", None, "Dataset directory to write.", required=True)
   flags.DEFINE_list("splits", list(constants.SPLITS), "Splits to build.")
   flags.DEFINE_integer("workers", min(4, os.cpu_count() or 1), "Worker processes.")
@@ -598,8 +726,12 @@ def main() -> None:
   except ValueError as e:
     raise errors.UsageError(str(e)) from e
   log = (lambda m: print(m) if not m.startswith("[") else None) if f.quiet else print  # noqa: E731
+  if bool(f.root) == bool(f.manifest):
+    raise errors.UsageError("give exactly one of --root (an Aff-Wild2 layout) or --manifest "
+                            "(a CSV of labelled videos)")
   build(f.root, f.out, splits=[s.strip() for s in f.splits if s.strip()], workers=f.workers,
-        params=params, test_list=f.test_list, log=log)
+        params=params, test_list=f.test_list, log=log, manifest=f.manifest, detect=f.detect,
+        detect_every=f.detect_every)
 
 
 if __name__ == "__main__":

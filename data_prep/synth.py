@@ -5,9 +5,12 @@
 Layout (the real one is described in data_prep/README.md, "The layout read")::
 
     DIR/batch1/<video>.mp4|.avi, DIR/batch2/...         media, split over two batch folders
-    DIR/cropped_aligned/<name>/<NNNNN>.jpg              112x112 face crops, NNNNN = 1-based
-                                                        frame = annotation line; no file when
-                                                        the face is not in the frame
+    DIR/cropped_aligned/<name>/<NNNNN>.jpg              112x112 aligned face crops (the drawn
+                                                        face's five landmarks on the ArcFace
+                                                        template, `mfer_jax.media.align`),
+                                                        NNNNN = 1-based frame = annotation
+                                                        line; no file when the face is not in
+                                                        the frame
     DIR/annotations/EXPR_Recognition_Challenge/{Train_Set,Validation_Set}/<name>.txt
     DIR/test_set/EXPR_Recognition_Challenge_test_set_release.txt    test names, one per line
 
@@ -55,12 +58,15 @@ video, or the first validation video of a 3-video set) has only ``_right``.
 lines longer than its video, one is 2 lines shorter (the real data does this).
 
 **Measured** (seed 0, 16 videos, built by ``data_prep.build``; linear probes on every third
-labelled frame with a face): LDA on 60 principal components of the 112x112 crops predicts the
+labelled frame with a face; measured on the box crops the set had before crops were aligned
+with `mfer_jax.media.align`, and with dlib's HOG detector): LDA on 60 principal components of
+the 112x112 crops predicts the
 face code with balanced accuracy 0.82 on validation, LDA on the 64x100 log-mel window the
 audio code with 0.58 (chance 0.25; train 0.82: 11 voices are few). Combining the two code
 posteriors per class gives validation macro-F1 0.57, against 0.22 from the face alone and 0.20
-from the audio alone. The detector of `mfer_jax.media.faces` finds the face in all sampled frames
-that have a crop (n=2681) and in none of those where the face is out of view (n=118).
+from the audio alone. That detector found the face in all sampled frames that have a crop
+(n=2681) and in none of those where the face is out of view (n=118);
+tests/test_synth.py checks the same of today's detector (`mfer_jax.media.detector`).
 
 Generation is deterministic for a seed (annotations and crops byte for byte; media too for
 the same PyAV version), parallel over videos, and resumable: each video's outputs are
@@ -86,7 +92,7 @@ from absl import flags
 from data_prep import media_write
 from data_prep import synth_render
 from mfer_jax import cli, constants, errors
-from mfer_jax.media import faces
+from mfer_jax.media import align, faces
 
 CLASS_NAMES = constants.CLASS_NAMES
 HEADER = constants.ANNOTATION_HEADER
@@ -353,11 +359,11 @@ def _frames(plan: VideoPlan, rng: np.random.Generator, crops: dict[str, pathlib.
     frame = cv2.subtract(cv2.add(frame, noise[i % 4]), noise[(i + 1) % 4])
     for person, ident, _, visible, cx, cy, _ in people:
       if person.name in crops and visible[i]:
-        box = faces.Box(*synth_render.face_box((cx[i], cy[i]), ident))
-        crop = cv2.cvtColor(faces.crop_face(frame, box, CROP_SIZE), cv2.COLOR_RGB2BGR)
-        ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        assert ok
-        (crops[person.name] / f"{i + 1:05d}.jpg").write_bytes(jpeg.tobytes())
+        # Aligned like Aff-Wild2's crops and like data_prep --detect and prediction make them,
+        # from the drawn face's true landmarks.
+        landmarks = synth_render.face_landmarks((cx[i], cy[i]), ident, int(codes[i]))
+        crop = align.align_face(frame, landmarks, CROP_SIZE)
+        (crops[person.name] / f"{i + 1:05d}.jpg").write_bytes(faces.encode_crop(crop))
     yield frame
 
 
@@ -370,7 +376,8 @@ def _marker(out: pathlib.Path, plan: VideoPlan) -> pathlib.Path:
 
 
 def _video_info(plan: VideoPlan) -> dict:
-  return {"split": plan.split, "media": plan.media.as_posix(), "fps": str(plan.fps),
+  return {"split": plan.split, "crops": faces.CROP_STYLE, "media": plan.media.as_posix(),
+          "fps": str(plan.fps),
           "sample_rate": plan.sample_rate, "channels": plan.channels,
           "num_frames": plan.num_frames, "annotation_delta": plan.annotation_delta,
           "names": [p.name for p in plan.persons if p.annotated]}

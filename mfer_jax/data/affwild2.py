@@ -115,6 +115,13 @@ def parse_annotation(path: str | os.PathLike) -> np.ndarray:
   return labels
 
 
+def side(name: str) -> str | None:
+  """The person a two-person name stands for: ``x_left`` -> "left", ``x_right`` -> "right",
+  anything else -> None."""
+  match = _SIDE_SUFFIX.search(name)
+  return match.group(1) if match else None
+
+
 def media_stem(name: str) -> str:
   """The media stem of an annotation name: ``x_left`` and ``x_right`` -> ``x``."""
   return _SIDE_SUFFIX.sub("", name)

@@ -45,7 +45,7 @@ def feature_params(workdir: str | os.PathLike,
 
 @dataclasses.dataclass
 class VideoResult:
-  """What one prediction wrote.
+  """What one prediction wrote (one person of one video).
 
   Attributes:
     label_file: the ABAW-format label file.
@@ -62,37 +62,53 @@ class VideoResult:
   notes: list[str]
 
 
+def label_path(out: str | os.PathLike, suffix: str) -> pathlib.Path:
+  """``x/clip.txt`` + ``_left`` -> ``x/clip_left.txt`` (the person's label file)."""
+  out = pathlib.Path(out)
+  return out.with_name(out.stem + suffix + out.suffix) if suffix else out
+
+
 def predict_video(predictor: predictor_lib.Predictor, params: audio_features.FeatureParams,
                   video: str | os.PathLike, out: str | os.PathLike, *,
                   crops: str | os.PathLike | None = None, smooth_window: int = 0,
-                  no_face: str = "audio", detect_every: int = 1) -> VideoResult:
+                  no_face: str = "audio", detect_every: int = 1,
+                  person: str = "largest") -> list[VideoResult]:
   """Predicts one label per decoded frame of ``video`` and writes the ABAW file and CSV.
 
   Args:
     predictor: the trained model.
     params: its audio feature parameters (`feature_params`).
     video: the media file.
-    out: the label file to write; the CSV goes beside it (``<stem>.probs.csv``).
+    out: the label file to write; the CSV goes beside it (``<stem>.probs.csv``). With
+      ``person="all"`` each person gets ``out`` with its suffix (``clip_left.txt``, ...).
     crops: an Aff-Wild2 ``cropped_aligned/<name>`` folder to use instead of detecting faces.
     smooth_window: centred moving average of probabilities over this many frames (<= 1: off).
     no_face: policy for frames without a face: "audio" or "nearest" (see `labels`).
     detect_every: run the face detector every k-th frame.
+    person: which face track(s): "largest", "left", "right" or "all" (`frames.read_video`).
+
+  Returns:
+    One result per label file written.
 
   Raises:
     mfer_jax.media.decode.MediaError: if the file cannot be opened or no frame decodes.
   """
-  inputs = frames.read_video(video, params, predictor.face_size, crops, detect_every)
-  probs, gates = predictor.predict(inputs.face, inputs.mel, inputs.has_face)
-  probs = labels_lib.smooth(labels_lib.fill_no_face(probs, inputs.has_face, no_face),
-                            smooth_window)
-  predicted = probs.argmax(-1)
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  probs_file = labels_lib.probabilities_path(out)
-  labels_lib.write_probabilities(probs_file, probs, predicted, inputs.has_face, gates)
-  labels_lib.write_labels(out, predicted)   # last: its presence means the video is done
-  return VideoResult(str(out), str(probs_file), inputs.num_frames,
-                     int(inputs.has_face.sum()), inputs.notes)
+  results = []
+  for inputs in frames.read_video(video, params, predictor.face_size, crops, detect_every,
+                                  person):
+    probs, gates = predictor.predict(inputs.face, inputs.mel, inputs.has_face)
+    probs = labels_lib.smooth(labels_lib.fill_no_face(probs, inputs.has_face, no_face),
+                              smooth_window)
+    predicted = probs.argmax(-1)
+    label_file = label_path(out, inputs.suffix)
+    label_file.parent.mkdir(parents=True, exist_ok=True)
+    probs_file = labels_lib.probabilities_path(label_file)
+    labels_lib.write_probabilities(probs_file, probs, predicted, inputs.has_face, gates,
+                                   inputs.boxes, inputs.landmarks)
+    labels_lib.write_labels(label_file, predicted)   # last: its presence means it is done
+    results.append(VideoResult(str(label_file), str(probs_file), inputs.num_frames,
+                               int(inputs.has_face.sum()), inputs.notes))
+  return results
 
 
 def split_names(root: str | os.PathLike, split: str,
@@ -114,8 +130,9 @@ def predict_split(predictor: predictor_lib.Predictor, params: audio_features.Fea
   """Writes ``<out_dir>/<name>.txt`` for every video of an Aff-Wild2 split.
 
   Two-person videos get one file per side (``x_left.txt``, ``x_right.txt``), each from the
-  shared media and its own crops folder. A video whose file exists is skipped unless
-  ``overwrite``, so an interrupted submission run resumes.
+  shared media and its own crops folder (without one, from the left or right face track). A
+  video whose file exists is skipped unless ``overwrite``, so an interrupted submission run
+  resumes.
 
   Args:
     on_video: optional callback(name, VideoResult | Exception) for progress reporting.
@@ -140,7 +157,10 @@ def predict_split(predictor: predictor_lib.Predictor, params: audio_features.Fea
     crops = affwild2.crops_dir(root, name) if use_crops else None
     if crops is not None and not crops.is_dir():
       crops = None
-    result = predict_video(predictor, params, video, out, crops=crops, **kwargs)
+    # Without crops, the side named by an Aff-Wild2 name (x_left, x_right) is that person.
+    person = affwild2.side(name) or "largest"
+    result, = predict_video(predictor, params, video, out, crops=crops, person=person,
+                            **kwargs)
     results[name] = result
     if on_video:
       on_video(name, result)
@@ -151,4 +171,5 @@ def predict_split(predictor: predictor_lib.Predictor, params: audio_features.Fea
   return results
 
 
-__all__ = ["VideoResult", "feature_params", "predict_split", "predict_video", "split_names"]
+__all__ = ["VideoResult", "feature_params", "label_path", "predict_split", "predict_video",
+           "split_names"]
