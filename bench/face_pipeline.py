@@ -27,10 +27,11 @@ import pathlib
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from data_prep import media_write, synth_render
+from mfer_jax import cli
 
 _FRAMES = flags.DEFINE_integer("frames", 150, "Frames of the test video.")
 _PEOPLE = flags.DEFINE_integer("people", 1, "Faces in the video (1 or 2).")
@@ -89,8 +90,7 @@ def _round(path: str, detect_every: int, processes: int, pool) -> tuple[float, f
   return frames / wall, 1000 * cpu / frames, sum(r[0] for r in results) / cpu
 
 
-def main(argv):
-  del argv
+def main() -> None:
   values = [int(v) for v in _DETECT_EVERY.value]
   with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(tmp) / "faces.mp4"
@@ -117,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from data_prep import synth_render
+from mfer_jax import cli
 from mfer_jax.media import align, detector as detector_lib
 
 _DETECTOR = flags.DEFINE_enum("detector", "ours", ["ours", "yunet_raw", "hog"],
@@ -82,8 +83,7 @@ def _eye_error(landmarks: np.ndarray, truth: np.ndarray) -> float:
   return float(np.linalg.norm(eyes - align.ARCFACE_112[:2], axis=1).mean())
 
 
-def main(argv):
-  del argv
+def main() -> None:
   detect = _make_detect()
   detect(np.zeros((HEIGHT, WIDTH, 3), np.uint8))   # builds the models outside the timing
   print(f"detector={_DETECTOR.value} max_side={_MAX_SIDE.value} faces per case={_FACES.value} "
@@ -120,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from mfer_jax import cli, config_lib, sharding
 from mfer_jax.data import pipeline, store
+from mfer_jax.models import layers
 from mfer_jax.training import optimizer, state as state_lib, step as step_lib
 from mfer_jax.testing import fake_data
 
@@ -46,6 +47,12 @@ _TEMPORAL = flags.DEFINE_list("temporal", [], "Temporal heads to compare at --fr
                               "per batch (none = the frame model); empty: time --config as is.")
 _FRAMES = flags.DEFINE_integer("frames", 32, "Frames per batch for --temporal.")
 _CLIP = flags.DEFINE_integer("clip_length", 16, "Frames per clip for --temporal heads.")
+
+
+def _precision(config) -> str:
+  p = layers.Precision.from_config(config.model.precision)
+  return (f"precision {p.compute_dtype} (params {p.param_dtype}, matmul {p.matmul}), "
+          f"remat {config.model.remat}")
 
 
 def _peak_rss_gb() -> float:
@@ -106,7 +113,7 @@ def _compare_temporal(base, data_dir):
       r["times"].append(t)
   print(f"model: image {base.model.image.variant} {tuple(base.model.image.img_size)}, audio "
         f"{base.model.audio.variant} {tuple(base.model.audio.img_size)}, fusion "
-        f"{base.model.fusion.name}, dtype {base.model.dtype}; {_FRAMES.value} frames per batch "
+        f"{base.model.fusion.name}, {_precision(base)}; {_FRAMES.value} frames per batch "
         f"on {jax.device_count()} {jax.default_backend()} device(s)")
   frame_rate = None
   for r in runs:
@@ -142,7 +149,7 @@ def main() -> None:
   print(f"model: image {config.model.image.variant} {tuple(config.model.image.img_size)}, "
         f"audio {config.model.audio.variant} {tuple(config.model.audio.img_size)}, "
         f"fusion {config.model.fusion.name}, temporal {config.model.temporal.name} "
-        f"(T={config.data.sequence.length}), dtype {config.model.dtype}; batch "
+        f"(T={config.data.sequence.length}), {_precision(config)}; batch "
         f"{tuple(batch['label'].shape)} ({n} frames) on {jax.device_count()} "
         f"{jax.default_backend()} device(s)")
   print(f"first call (compile + 1 step): {compile_s:.1f} s")

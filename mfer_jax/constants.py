@@ -13,6 +13,11 @@ ANNOTATION_HEADER = ",".join(CLASS_NAMES)
 
 SPLITS = ("train", "validation", "test")
 
+# Where training reads records from (mfer_jax.data.sources): data_prep.build's prepared
+# directory, or a TFDS-built dataset (data_prep/tfds_affwild2.py, registered under TFDS_NAME).
+DATA_SOURCES = ("prepared", "tfds")
+TFDS_NAME = "aff_wild2_expr"
+
 # Side of Aff-Wild2's cropped_aligned face crops, and of the crops data_prep writes.
 FACE_SIZE = 112
 
@@ -32,3 +37,7 @@ TEMPORAL_HEADS = ("none", "transformer", "tcn")
 
 # Compute dtypes a config may name.
 DTYPES = ("float32", "bfloat16")
+# How matmuls are computed (model.precision.matmul; mfer_jax.models.layers).
+MATMUL_PATHS = ("xla", "cpu_amx", "auto")
+# Rematerialisation policies per transformer block (model.remat; mfer_jax.models.layers).
+REMAT_POLICIES = ("none", "block", "dots_saveable")

@@ -14,6 +14,7 @@ from mfer_jax.testing import fake_data
 from mfer_jax import evaluation
 from mfer_jax.ablation import runs, sweep as sweep_lib, tables
 from mfer_jax.files import atomic_write_json
+from mfer_jax.training import run_status
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = ROOT / "tests" / "configs" / "tiny_sweep.py"
@@ -115,6 +116,7 @@ def test_unfinished_run_resumes_from_its_own_checkpoint(sweep):
   done, cut = workdir / f"{FUSIONS[0]}-dynamic-seed0", workdir / f"{FUSIONS[1]}-dynamic-seed0"
   untouched = _mtimes(done)
   (cut / runs.MARKER).unlink()
+  (cut / run_status.FINISHED).unlink()
   (cut / "eval" / "6.json").unlink()
   shutil.rmtree(cut / "checkpoints" / "6")
   assert sweep_lib.run_sweep(**{**kwargs, "dry_run": True})[1].status == "partial"
@@ -152,7 +154,7 @@ def test_config_that_ignores_the_variant_is_refused(tmp_path):
       [sys.executable, "-m", "mfer_jax.tools.ablate", f"--config={ROOT / 'tests/configs/tiny.py'}",
        f"--workdir={tmp_path}", "--sweep=concat", "--dry_run"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 2   # a --config that cannot serve a sweep is a usage error
   assert "ignores its variant argument" in proc.stderr and "Traceback" not in proc.stderr
   with pytest.raises(runs.AblationError, match="the sweep sets"):
     sweep_lib.run_sweep(f"{SWEEP_CONFIG}:fusion=mfm", tmp_path, fusions=("concat",), dry_run=True)

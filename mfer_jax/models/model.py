@@ -14,11 +14,10 @@ from ml_collections import ConfigDict
 
 from mfer_jax import sharding
 from mfer_jax.models import fusion as fusion_lib
+from mfer_jax.models import layers
 from mfer_jax.models import normalisation
 from mfer_jax.models import swin
 from mfer_jax.models import temporal as temporal_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _normalise(x: jax.Array, channels: int) -> jax.Array:
@@ -63,34 +62,36 @@ class ExpressionModel(nnx.Module):
   by one.
 
   Args:
-    cfg: ``config.model`` (see `mfer_jax.config_lib`): num_classes, dtype, image, audio,
-      fusion, temporal, modality_dropout.
+    cfg: ``config.model`` (see `mfer_jax.config_lib`): num_classes, precision, remat, image,
+      audio, fusion, temporal, modality_dropout.
     rngs: parameter RNGs.
+    precision: overrides ``cfg.precision`` (the planner resolves ``matmul="auto"`` for the
+      accelerator it plans for, not for the CPU it compiles on).
+
+  Attributes:
+    precision: the resolved `layers.Precision` every part uses.
   """
 
-  def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
-    if cfg.dtype not in DTYPES:
-      raise ValueError(f"model.dtype {cfg.dtype!r}: choose one of {sorted(DTYPES)}")
-    dtype = DTYPES[cfg.dtype]
+  def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs,
+               precision: layers.Precision | None = None):
+    self.precision = precision or layers.Precision.from_config(cfg.precision)
+    kw = dict(rngs=rngs, precision=self.precision, remat=cfg.remat)
     name = cfg.fusion.name
     self.image_size = tuple(cfg.image.img_size)
     self.audio_size = tuple(cfg.audio.img_size)
     self.audio_chans = int(cfg.audio.in_chans)
     self.modality_dropout = float(cfg.modality_dropout)
     # Single-modality ablations do not build (or pay for) the other encoder.
-    self.image_encoder = (swin.SwinTransformer(encoder_config(cfg.image, 3), rngs=rngs,
-                                               dtype=dtype)
+    self.image_encoder = (swin.SwinTransformer(encoder_config(cfg.image, 3), **kw)
                           if name != "audio_only" else None)
-    self.audio_encoder = (swin.SwinTransformer(encoder_config(cfg.audio, self.audio_chans),
-                                               rngs=rngs, dtype=dtype)
+    self.audio_encoder = (swin.SwinTransformer(encoder_config(cfg.audio, self.audio_chans), **kw)
                           if name != "visual_only" else None)
     self.fusion = fusion_lib.Fusion(
         cfg.fusion,
         self.image_encoder.num_features if self.image_encoder else 0,
         self.audio_encoder.num_features if self.audio_encoder else 0,
-        cfg.num_classes, rngs=rngs, dtype=dtype)
-    self.temporal = temporal_lib.make_head(cfg.temporal, self.fusion.feature_dim, rngs=rngs,
-                                           dtype=dtype)
+        cfg.num_classes, **kw)
+    self.temporal = temporal_lib.make_head(cfg.temporal, self.fusion.feature_dim, **kw)
 
   def _availability(self, has_face: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     """bool [B, 2]: (visual, audio) available; modality dropout blanks one of them."""

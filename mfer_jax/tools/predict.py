@@ -40,12 +40,15 @@ _ROOT = flags.DEFINE_string("root", None, "Aff-Wild2 root, to predict a whole sp
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"],
                            "Split of --root to predict.")
 _TEST_LIST = flags.DEFINE_string("test_list", None,
-                                 "Test-set list file (default: found under --root).")
+                                 "Test-set list file (default: found under --root by its "
+                                 "known name).")
+_ANNOTATIONS = flags.DEFINE_string("annotations", None, "--split=train|validation: the EXPR "
+                                   "challenge folder, when --root holds several.")
 _OUT = flags.DEFINE_string("out", None, "--video: label file (default <video stem>.txt beside "
                            "the video); --root: output directory.")
 _CROPS = flags.DEFINE_string("crops", None, "--video: a cropped_aligned/<name> folder to use "
                              "instead of face detection.")
-_USE_CROPS = flags.DEFINE_bool("use_crops", True, "--root: use cropped_aligned crops "
+_USE_CROPS = flags.DEFINE_bool("use_crops", True, "--root: use the cropped_aligned* crops "
                                "(False: detect faces in the frames).")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                                 "Which checkpoint of the workdir.")
@@ -98,7 +101,7 @@ def main() -> None:
                          "says its person (x_left, x_right, otherwise the largest)")
   results = predict_lib.predict_split(
       predictor, params, _ROOT.value, _SPLIT.value, _OUT.value, test_list=_TEST_LIST.value,
-      use_crops=_USE_CROPS.value, overwrite=_OVERWRITE.value, on_video=_report, **options)
+      annotations=_ANNOTATIONS.value, use_crops=_USE_CROPS.value, overwrite=_OVERWRITE.value, on_video=_report, **options)
   console.say(f"Wrote {len(results)} file(s) to {_OUT.value}")
 
 

@@ -11,7 +11,7 @@ cover it, so every frame is scored once, from its averaged logits.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,26 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
   return {k: batch[k] for k in BATCH_KEYS if k in batch}
 
 
+class MeshJit:
+  """A jitted function that traces with a mesh's logical-axis rules active.
+
+  Call it like the function, or `lower` it with concrete or abstract
+  (``jax.ShapeDtypeStruct``) arguments for ahead-of-time compilation and XLA's cost and memory
+  analyses (the planner and the training loop's FLOP count use this).
+  """
+
+  def __init__(self, jitted: Any, mesh: Mesh, rules):
+    self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+  def __call__(self, *args):
+    with sharding.use_rules(self.mesh, self.rules):
+      return self.jitted(*args)
+
+  def lower(self, *args) -> jax.stages.Lowered:
+    with sharding.use_rules(self.mesh, self.rules):
+      return self.jitted.lower(*args)
+
+
 def batch_shardings(mesh: Mesh, rules, example_batch: dict[str, Any]) -> dict[str, Any]:
   """Batch-axis sharding for every array of a batch dict."""
   return {k: sharding.batch_sharding(mesh, rules, np.ndim(v)) for k, v in example_batch.items()}
@@ -42,7 +62,7 @@ def batch_shardings(mesh: Mesh, rules, example_batch: dict[str, Any]) -> dict[st
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, cfg: ConfigDict, mesh: Mesh,
                     state_sh: TrainState, batch_sh: dict[str, Any],
-                    class_weights: np.ndarray) -> Callable:
+                    class_weights: np.ndarray) -> MeshJit:
   """Builds ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
   Args:
@@ -72,7 +92,6 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     correct = jnp.sum((out["logits"].argmax(-1) == labels) * micro["mask"])
     return loss_sum, (jnp.sum(weights), correct)
 
-  grad_fn = jax.grad(micro_loss, has_aux=True)
   value_grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
@@ -118,17 +137,15 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
   replicated = NamedSharding(mesh, P())
   jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=0)
-
-  def run(state, batch):
-    with sharding.use_rules(mesh, rules):
-      return jitted(state, batch)
-
-  return run
+  return MeshJit(jitted, mesh, rules)
 
 
 def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
-                   batch_sh: dict[str, Any]) -> Callable:
+                   batch_sh: dict[str, Any]) -> MeshJit:
   """Builds ``eval_step(params, acc, batch) -> acc`` that accumulates on device.
+
+  Build it once per run and evaluation (`mfer_jax.training.evaluator.Evaluator` does): each
+  build is a new jitted function and traces again. ``eval_step.traces()`` counts the traces.
 
   ``acc`` holds the confusion matrix [C, C] (rows true, columns predicted) and per-class sums
   of the modality gates [C, 2]; masked (padding) rows add nothing. Accumulating on device
@@ -137,8 +154,10 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
   """
   num_classes = cfg.model.num_classes
   replicated = NamedSharding(mesh, P())
+  traces = [0]
 
   def eval_step(params, acc, batch):
+    traces[0] += 1   # a Python side effect: runs once per trace, never per call
     model = spec.merge(params)
     out = model(batch["face"], batch["mel"], batch["has_face"], batch.get("present"))
     valid = batch["mask"] & (batch["label"] >= 0)
@@ -150,11 +169,8 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
   acc_sh = {"confusion": replicated, "gate_sum": replicated}
   jitted = jax.jit(eval_step, in_shardings=(param_sh, acc_sh, batch_sh), out_shardings=acc_sh,
                    donate_argnums=1)
-
-  def run(params, acc, batch):
-    with sharding.use_rules(mesh, cfg.mesh.rules):
-      return jitted(params, acc, batch)
-
+  run = MeshJit(jitted, mesh, cfg.mesh.rules)
+  run.traces = lambda: traces[0]   # how often it was traced (tests: once per run)
   return run
 
 
@@ -165,17 +181,21 @@ def empty_eval_accumulator(num_classes: int, mesh: Mesh) -> dict[str, jax.Array]
 
 
 def make_window_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
-                          batch_sh: dict[str, Any]) -> Callable:
+                          batch_sh: dict[str, Any]) -> MeshJit:
   """Builds ``eval_step(params, acc, batch) -> acc`` for windows of clips.
 
   ``acc`` (`empty_window_accumulator`) holds, per record of the split, the sum of its logits
   and of its gates over the windows that score it, and how many do; the batch's ``index``
   [B, T] says which record each slot is and ``mask`` which slots are scored. Padded slots and
-  windows add nothing. `summarize_windows` turns it into the confusion matrix.
+  windows add nothing. `summarize_windows` turns it into the confusion matrix. Like
+  `make_eval_step`, build it once per run (`evaluator.WindowEvaluator` does);
+  ``eval_step.traces()`` counts the traces.
   """
   replicated = NamedSharding(mesh, P())
+  traces = [0]
 
   def eval_step(params, acc, batch):
+    traces[0] += 1   # a Python side effect: runs once per trace, never per call
     model = spec.merge(params)
     out = model(batch["face"], batch["mel"], batch["has_face"], batch["present"])
     n = acc["count"].shape[0]
@@ -189,11 +209,8 @@ def make_window_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh
   acc_sh = {"logit_sum": replicated, "gate_sum": replicated, "count": replicated}
   jitted = jax.jit(eval_step, in_shardings=(param_sh, acc_sh, batch_sh), out_shardings=acc_sh,
                    donate_argnums=1)
-
-  def run(params, acc, batch):
-    with sharding.use_rules(mesh, cfg.mesh.rules):
-      return jitted(params, acc, batch)
-
+  run = MeshJit(jitted, mesh, cfg.mesh.rules)
+  run.traces = lambda: traces[0]
   return run
 
 
