@@ -219,7 +219,7 @@ def test_clip_batches_follow_the_drawn_clips(data_dir):
 def test_clip_face_augmentation_is_shared_by_the_frames_of_a_clip(data_dir):
   # Every frame of the clip reads the same record content: identical faces after augmenting.
   index = store.load_split(data_dir, "train")
-  reader = pipeline.reader_lib.SplitReader(index, 32)
+  reader = index.open_reader(32)
   r = int(np.flatnonzero(index.has_face & (index.label >= 0))[0])
   aug = pipeline.augment.Augmenter()
   clip = pipeline.read_clip(reader, np.array([r, r, -1, r]), np.ones(4, bool), aug, (0, 1, 2))

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from ml_collections import ConfigDict
 
 from mfer_jax import config_lib, errors
-from mfer_jax.models import temporal
+from mfer_jax.models import layers, temporal
 from mfer_jax.models.model import ExpressionModel
 from mfer_jax.training import losses
 from test_model import make_batch, tiny_model_config
@@ -37,24 +36,28 @@ def test_t1_none_equals_the_frame_model_exactly():
   train_cfg.update(label_smoothing=0.1)
   loss_fn = losses.make_loss(train_cfg, 8)
 
-  @jax.jit
-  def run(params, face, mel, has_face, labels, present):
-    out = nnx.merge(graph, params)(face, mel, has_face, present,
-                                   rngs=nnx.Rngs(dropout=jax.random.key(5)))
-    return out["logits"], out["gates"], jnp.sum(loss_fn(out["logits"], labels))
+  def run(model, face, mel, has_face, labels, present):
+    """Training (dropout on) and inference (no rngs) outputs."""
+    out = model(face, mel, has_face, present, rngs=nnx.Rngs(dropout=jax.random.key(5)))
+    eval_logits = model(face, mel, has_face, present)["logits"]
+    return out["logits"], out["gates"], jnp.sum(loss_fn(out["logits"], labels)), eval_logits
 
-  frame = run(params, batch["face"], batch["mel"], batch["has_face"], labels, None)
-  clip = run(params, batch["face"][:, None], batch["mel"][:, None], batch["has_face"][:, None],
-             labels[:, None], jnp.ones((4, 1), bool))
+  @jax.jit
+  def both(params, face, mel, has_face, labels):
+    # One program (one compile). XLA may share work between the two paths only where their
+    # computations are identical, so any difference of the clip path still shows.
+    model = nnx.merge(graph, params)
+    return (run(model, face, mel, has_face, labels, None),
+            run(model, face[:, None], mel[:, None], has_face[:, None], labels[:, None],
+                jnp.ones((4, 1), bool)))
+
+  frame, clip = both(params, batch["face"], batch["mel"], batch["has_face"], labels)
   assert clip[0].shape == (4, 1, 8)
   np.testing.assert_array_equal(np.asarray(clip[0])[:, 0], np.asarray(frame[0]))
   np.testing.assert_array_equal(np.asarray(clip[1])[:, 0], np.asarray(frame[1]))
   assert float(clip[2]) == float(frame[2])
-  # Inference (no rngs) too.
-  eval_frame = model(batch["face"], batch["mel"], batch["has_face"])["logits"]
-  eval_clip = model(batch["face"][:, None], batch["mel"][:, None],
-                    batch["has_face"][:, None])["logits"]
-  np.testing.assert_array_equal(np.asarray(eval_clip)[:, 0], np.asarray(eval_frame))
+  np.testing.assert_array_equal(np.asarray(clip[3])[:, 0], np.asarray(frame[3]))
+  assert not np.array_equal(np.asarray(frame[0]), np.asarray(frame[3]))   # dropout was on
 
 
 @pytest.mark.parametrize("position", ["learned", "relative"])
@@ -105,6 +108,36 @@ def test_tcn_receptive_field_matches_its_config(kernel_size, dilations):
   np.testing.assert_array_equal(changed, np.arange(t0 - half, t0 + half + 1))
 
 
+@pytest.mark.parametrize("name", ["transformer", "tcn"])
+def test_heads_follow_the_precision_and_remat_policies(name):
+  """Remat changes no gradient (float32); a bf16 compute dtype feeds bf16 operands to the
+  head's matmuls, keeps float32 outputs and stays within bf16 rounding of float32."""
+  cfg = head_config(name, num_heads=4, dilations=(1, 2))
+  x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+  present = jnp.ones((2, 6), bool).at[0, 5].set(False)
+
+  def build(**kw):
+    return nnx.split(temporal.make_head(cfg, 32, rngs=nnx.Rngs(0), **kw))
+
+  def loss_and_grads(graph, params):
+    loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graph, p)(x, present)))  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  plain = loss_and_grads(*build())
+  remat = loss_and_grads(*build(remat="block"))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  graph, params = build(precision=layers.Precision.resolve("bfloat16", matmul="xla"))
+  fn = jax.jit(lambda p: nnx.merge(graph, p)(x, present))
+  assert "bf16" in fn.lower(params).as_text()
+  y = fn(params)
+  assert y.dtype == jnp.float32
+  graph32, params32 = build()
+  y32 = jax.jit(lambda p: nnx.merge(graph32, p)(x, present))(params32)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y32), atol=0.1)
+  assert not np.array_equal(np.asarray(y), np.asarray(y32))
+
+
 def test_clip_model_shapes_gradients_and_frame_input_error():
   cfg = tiny_model_config()
   cfg.temporal.update(name="transformer", num_heads=4, dropout=0.1)
@@ -113,19 +146,22 @@ def test_clip_model_shapes_gradients_and_frame_input_error():
   face, mel = b["face"].reshape(2, 3, 24, 24, 3), b["mel"].reshape(2, 3, 16, 40)
   has_face = b["has_face"].reshape(2, 3)
   present = jnp.asarray([[True, True, False], [True, True, True]])
-  out = model(face, mel, has_face, present)
+  graph, params = nnx.split(model)
+
+  @jax.jit
+  def forward_and_grads(params):
+    def loss(params):
+      out = nnx.merge(graph, params)(face, mel, has_face, present, rngs=nnx.Rngs(dropout=0))
+      return jnp.sum(out["logits"][:, 1] ** 2), out
+    return jax.grad(loss, has_aux=True)(params)
+
+  grads, out = forward_and_grads(params)
   assert out["logits"].shape == (2, 3, 8) and out["gates"].shape == (2, 3, 2)
-
-  def loss(m):
-    logits = m(face, mel, has_face, present, rngs=nnx.Rngs(dropout=0))["logits"]
-    return jnp.sum(logits[:, 1] ** 2)
-
-  grads = nnx.grad(loss)(model)
   norms = {k: float(optax_norm(v)) for k, v in grads.items()
            if k in ("temporal", "image_encoder", "audio_encoder")}
   assert all(n > 0 for n in norms.values()) and len(norms) == 3, norms
-  with pytest.raises(ValueError, match="temporal head needs clips"):
-    model(b["face"], b["mel"], b["has_face"])
+  with pytest.raises(ValueError, match="temporal head needs clips"):   # found while tracing
+    jax.eval_shape(lambda p: nnx.merge(graph, p)(b["face"], b["mel"], b["has_face"]), params)
 
 
 def optax_norm(tree):
