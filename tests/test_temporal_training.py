@@ -1,115 +1,209 @@
-"""Temporal runs end to end: windowed evaluation against scikit-learn, training and resume."""
+"""Temporal runs end to end: the window evaluator against scikit-learn on 1, 2 and 3 hosts,
+a trained run that is preempted inside a window evaluation and resumed bit for bit,
+``--mode=eval``, prediction windows, and a checkpoint of another mode.
+
+Everything shares one tiny TCN config (T=4, hop 2, focal loss), one finished 4-step run
+(`tcn_run`) and one jitted forward over EVAL_BATCH windows (the run's `predictor`), so the
+module compiles the train step, the window eval step and that forward once each (the
+persistent compilation cache makes the repeats in the resumed run cheap).
+"""
 
 import json
+import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from sklearn.metrics import f1_score
 
 from conftest import tiny_config
-from mfer_jax import evaluation, sharding
+from mfer_jax import errors, evaluation, sharding
 from mfer_jax.data import pipeline, store
 from mfer_jax.prediction import predictor as predictor_lib
-from mfer_jax.training import checkpointing, loop, optimizer, state as state_lib
-from mfer_jax.training import step as step_lib
+from mfer_jax.training import checkpointing, evaluator as evaluator_lib, loop, optimizer
+from mfer_jax.training import run_status, state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Eval batch (windows): divisible by 1, 2 and 3 simulated hosts and by the 8 devices.
+EVAL_BATCH = 24
+TRAIN_METRICS = ("loss", "grad_norm", "learning_rate", "accuracy")   # not the timings
 
 
-def temporal_config(data_dir, head="transformer", length=4, hop=2):
+def temporal_config(data_dir, head="tcn"):
   config = tiny_config(data_dir)
-  config.data.sequence.update(length=length, stride=1, hop=hop)
-  config.data.sampling.epoch_size = 16          # 2 steps of 8 clips per epoch
-  config.data.eval_batch_size = 8
+  config.data.sequence.update(length=4, stride=1, hop=2)
+  config.data.sampling.epoch_size = 16          # 2 steps of 8 clips (32 frames) per epoch
+  config.data.eval_batch_size = EVAL_BATCH
   config.model.temporal.update(name=head, num_heads=4, num_layers=1, dilations=(1, 2))
-  return config
-
-
-@pytest.mark.parametrize("hosts", [1, 2, 3])
-def test_window_eval_on_devices_matches_sklearn(tiny_data_dir, hosts):
-  """Global batches assembled from 1, 2 or 3 simulated hosts' windows, scatter-averaged on 6
-  devices: every valid frame is scored once, and macro-F1 equals scikit-learn's on a host-side
-  average of the same windows' logits."""
-  config = temporal_config(tiny_data_dir)
-  config.data.eval_batch_size = 6        # divisible by 1, 2 and 3 hosts and by 6 devices
-  mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:6])
-  spec = state_lib.ModelSpec(config.model)
-  tx, _ = optimizer.make_optimizer(config.train, 10)
-  state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
-  # Spread the logits so that frames get different classes.
-  params = jax.tree.map(lambda p: p, state.params)
-  kernel = params["fusion"]["head"]["kernel"]
-  kernel[...] = kernel[...] * 300
-  index = store.load_split(config.data.data_dir, "validation")
-  pipes = [pipeline.make_eval_pipeline(config.data, index, process_index=p, process_count=hosts)
-           for p in range(hosts)]
-  acc = step_lib.empty_window_accumulator(len(index), 8, mesh)
-  eval_step = None
-  forward = jax.jit(lambda p, *inputs: spec.merge(p)(*inputs)["logits"])
-  host_params = jax.device_get(params)
-  sums = np.zeros((len(index), 8))
-  counts = np.zeros(len(index))
-  for host_batches in zip(*pipes):
-    # What to_global_batch assembles from the hosts' blocks, in process order.
-    local = {k: np.concatenate([b[k] for b in host_batches])
-             for k in (*step_lib.BATCH_KEYS, "index")}
-    batch = pipeline.to_global_batch(local, mesh)
-    if eval_step is None:
-      eval_step = step_lib.make_window_eval_step(spec, config, mesh, state_sh.params,
-                                                 jax.tree.map(lambda x: x.sharding, batch))
-    acc = eval_step(params, acc, batch)
-    # Reference: one forward per window on the host, summed per frame in numpy.
-    logits = np.asarray(forward(host_params, local["face"], local["mel"], local["has_face"],
-                                local["present"]))
-    np.add.at(sums, local["index"][local["mask"]], logits[local["mask"]])
-    np.add.at(counts, local["index"][local["mask"]], 1)
-  totals = step_lib.summarize_windows(acc, index.label)
-  valid = index.label >= 0
-  np.testing.assert_array_equal(counts > 0, valid)        # every valid frame is scored...
-  assert totals["confusion"].sum() == valid.sum()          # ...and counted once
-  preds = sums[valid].argmax(-1)
-  labels = index.label[valid]
-  assert len(set(preds.tolist())) > 1
-  ref_cm = np.zeros((8, 8), int)
-  np.add.at(ref_cm, (labels, preds), 1)
-  np.testing.assert_array_equal(totals["confusion"], ref_cm)
-  result = evaluation.summarize(totals["confusion"], totals["gate_sum"])
-  ref = f1_score(labels, preds, average="macro", labels=list(range(8)), zero_division=0)
-  assert result["macro_f1"] == pytest.approx(ref, abs=1e-9)
-  if hosts == 1:   # the loop's evaluation is this same computation
-    run = loop.Run(config, pathlib.Path("."), mesh, spec, tx, None, state, state_sh, 1, 1, None,
-                   index, None)
-    assert loop.evaluate(run, params)["macro_f1"] == result["macro_f1"]
+  config.train.update(num_epochs=2, checkpoint_every_steps=2, loss="focal")
+  return config                                 # evaluations at steps 2 and 4 (per epoch)
 
 
 @pytest.fixture(scope="module")
-def tcn_run(tiny_data_dir, tmp_path_factory):
-  """A finished 4-step temporal run (TCN head, T=4, focal loss), evaluated at steps 2 and 4."""
-  config = temporal_config(tiny_data_dir, head="tcn")
-  config.train.update(num_epochs=2, checkpoint_every_steps=2, eval_every_steps=2, loss="focal")
+def config(tiny_data_dir):
+  return temporal_config(tiny_data_dir)
+
+
+@pytest.fixture(scope="module")
+def tcn_run(config, tmp_path_factory):
+  """A finished 4-step temporal run, evaluated at steps 2 and 4, checkpoints 2 and 4."""
   workdir = tmp_path_factory.mktemp("tcn_run")
   result = loop.train_and_evaluate(config, str(workdir))
-  return workdir, config, result
+  return workdir, result
 
 
-def test_temporal_run_trains_evaluates_and_reports(tcn_run, tiny_data_dir):
-  workdir, config, first = tcn_run
-  assert first["num_examples"] == int((store.load_split(tiny_data_dir, "validation").label
-                                       >= 0).sum())
-  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
-  # A finished run reports its final evaluation again instead of training.
-  again = loop.train_and_evaluate(config, str(workdir))
-  assert again["macro_f1"] == first["macro_f1"]
+@pytest.fixture(scope="module")
+def predictor(tcn_run, config):
+  """The run's predictor; its device calls take EVAL_BATCH windows of T frames."""
+  return predictor_lib.Predictor(tcn_run[0], batch_size=EVAL_BATCH * 4)
 
 
-def test_temporal_prediction_scores_every_frame_from_its_windows(tcn_run):
-  workdir, config, _ = tcn_run
-  predictor = predictor_lib.Predictor(workdir, batch_size=8)
+@pytest.fixture(scope="module")
+def forward(predictor):
+  """The model's logits for up to EVAL_BATCH windows (padded), one window per row, through
+  the predictor's jitted forward (compiled once for the module)."""
+
+  def run(params, face, mel, has_face, present):
+    pad = EVAL_BATCH - face.shape[0]
+    grow = lambda a: np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])  # noqa: E731
+    # The predictor's own param shardings, so the call reuses its compiled program.
+    params = jax.device_put(params, jax.tree.map(lambda x: x.sharding,
+                                                 predictor._params))  # pylint: disable=protected-access
+    logits, _ = predictor._forward_clips(   # pylint: disable=protected-access
+        params, grow(face), grow(mel), grow(has_face), grow(present))
+    return np.asarray(logits)[:face.shape[0]]
+
+  return run
+
+
+def test_window_evaluator_counts_every_valid_frame_once_and_matches_sklearn(config, predictor,
+                                                                           forward):
+  """The run's evaluator (built once, traced once) on global batches assembled from 1, 2 or
+  3 simulated hosts' windows on 8 devices: every valid frame is scored once, and macro-F1
+  equals scikit-learn's on a host-side average of the same windows' logits."""
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  spec = state_lib.ModelSpec(config.model)
+  tx, _ = optimizer.make_optimizer(config.train, 10)
+  state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules)
+  # The trained params (no second init to compile), on the run's mesh.
+  params = jax.device_put(predictor._params, state_sh.params)  # pylint: disable=protected-access
+  kernel = params["fusion"]["head"]["kernel"]
+  kernel[...] = kernel[...] * 300          # spread the logits: frames get different classes
+  evaluator = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params)["validation"]
+  assert isinstance(evaluator, evaluator_lib.WindowEvaluator)
+  result = evaluator(params)
+
+  index = store.load_split(config.data.data_dir, "validation")
+  valid = index.label >= 0
+  assert evaluator.num_examples == result["num_examples"] == valid.sum()
+  confusions = []
+  for hosts in (1, 2, 3):
+    pipes = [pipeline.make_eval_pipeline(config.data, index, process_index=p,
+                                         process_count=hosts) for p in range(hosts)]
+    acc = evaluator._empty_accumulator()   # pylint: disable=protected-access
+    sums, counts = np.zeros((len(index), 8)), np.zeros(len(index), int)
+    for host_batches in zip(*pipes):
+      # What to_global_batch assembles from the hosts' blocks, in process order.
+      local = {k: np.concatenate([b[k] for b in host_batches]) for k in host_batches[0]}
+      acc = evaluator._accumulate(params, acc,   # pylint: disable=protected-access
+                                  evaluator._global_batch(local))  # pylint: disable=protected-access
+      m = local["mask"]
+      np.add.at(counts, local["index"][m], 1)
+      if hosts == 1:   # reference: one forward per window on the host, summed per frame
+        logits = forward(params, local["face"], local["mel"], local["has_face"],
+                         local["present"])
+        np.add.at(sums, local["index"][m], logits[m])
+    np.testing.assert_array_equal(counts > 0, valid)       # every valid frame is scored...
+    np.testing.assert_array_equal(counts[valid], 2)        # ...by T / hop = 2 windows...
+    confusion = evaluator._summarize(acc)["confusion"]     # pylint: disable=protected-access
+    assert np.sum(confusion) == valid.sum()                # ...and counted once
+    confusions.append(confusion)
+    if hosts == 1:
+      preds, labels = sums[valid].argmax(-1), index.label[valid]
+  assert len(set(preds.tolist())) > 1
+  ref_cm = np.zeros((8, 8), int)
+  np.add.at(ref_cm, (labels, preds), 1)
+  for confusion in confusions + [result["confusion"]]:
+    np.testing.assert_array_equal(confusion, ref_cm)
+  ref = f1_score(labels, preds, average="macro", labels=list(range(8)), zero_division=0)
+  assert result["macro_f1"] == pytest.approx(ref, abs=1e-9)
+  assert evaluator(params)["macro_f1"] == result["macro_f1"]
+  assert evaluator.traces == 1                              # every evaluation reused it
+
+
+def _train_rows(workdir):
+  return [{k: r[k] for k in ("step",) + TRAIN_METRICS} for r in evaluation.read_metrics(workdir)]
+
+
+def _params(workdir, step):
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    saved = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore())).state
+  finally:
+    ckpt.close()
+  return jax.tree.leaves(saved["params"])
+
+
+def test_a_temporal_run_preempted_in_a_window_evaluation_resumes_bit_for_bit(
+    tcn_run, config, tmp_path, monkeypatch):
+  """The run as it was after step 2, its evaluation not yet written: resumed, it evaluates
+  step 2 first, and a SIGTERM during the second window batch stops it: nothing of the
+  evaluation is written and the run is PREEMPTED (exit 143). The rerun evaluates step 2,
+  trains on, finishes, and equals the uninterrupted run bit for bit: metrics, both
+  evaluations, and the final params."""
+  reference, final = tcn_run
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  for path in [*(workdir / "eval").glob("*.json"), workdir / run_status.FINISHED]:
+    path.unlink()
+  batches = []
+  accumulate = evaluator_lib.Evaluator._accumulate   # pylint: disable=protected-access
+
+  def accumulate_then_signal(self, params, acc, batch):
+    batches.append(1)
+    if len(batches) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)   # arrives while batch 2 is being evaluated
+    return accumulate(self, params, acc, batch)
+
+  monkeypatch.setattr(evaluator_lib.Evaluator, "_accumulate", accumulate_then_signal)
+  with pytest.raises(errors.Preempted, match="SIGTERM after step 2 of 4") as e:
+    loop.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
+  assert e.value.exit_code == errors.EXIT_PREEMPTED and len(batches) == 2
+  assert not list((workdir / "eval").glob("*.json"))
+  assert run_status.preempted(workdir)["step"] == 2 and not run_status.finished(workdir)
+
+  result = loop.train_and_evaluate(config, str(workdir))
+  assert result == final == evaluation.read_evals(reference)[-1]
+  assert evaluation.read_evals(workdir) == evaluation.read_evals(reference)
+  assert [e["step"] for e in evaluation.read_evals(workdir)] == [2, 4]
+  rows = _train_rows(workdir)
+  assert rows == _train_rows(reference) and [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert run_status.finished(workdir)["step"] == 4 and not run_status.preempted(workdir)
+  for a, b in zip(_params(reference, 4), _params(workdir, 4), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mode_eval_of_a_temporal_run_redoes_its_best_evaluation(tcn_run, config):
+  workdir, _ = tcn_run
+  out = loop.evaluate_workdir(config, str(workdir))
+  best = max(evaluation.read_evals(workdir), key=lambda e: e["macro_f1"])
+  assert out["step"] == best["step"]
+  assert {k: v for k, v in out.items() if k != "path"} == best
+  assert pathlib.Path(out["path"]) == workdir / "checkpoints" / str(best["step"]) / \
+      "eval_validation.json"
+
+
+def test_temporal_prediction_scores_every_frame_from_its_windows(predictor, forward):
   assert predictor.sequence.length == 4 and predictor.sequence.window_hop == 2
   rng = np.random.default_rng(0)
   n = 11                                   # not a multiple of the window or the batch
@@ -119,27 +213,24 @@ def test_temporal_prediction_scores_every_frame_from_its_windows(tcn_run):
   probs, gates = predictor.predict(face, mel, has_face)
   assert probs.shape == (n, 8) and gates.shape == (n, 2)
   # Reference: the windows of frames 1..n, T=4 hop 2, written out by hand; mean logits.
-  windows = [[-1, -1, 0, 1], [0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9],
-             [8, 9, 10, -1], [10, -1, -1, -1]]    # every frame in exactly T / hop = 2
-  spec = state_lib.ModelSpec(config.model)
-  forward = jax.jit(lambda p, *inputs: spec.merge(p)(*inputs)["logits"])
+  windows = np.asarray([[-1, -1, 0, 1], [0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9],
+                        [8, 9, 10, -1], [10, -1, -1, -1]])   # every frame in T / hop = 2
+  p = windows >= 0
+  take = np.maximum(windows, 0)
+  logits = forward(predictor._params,   # pylint: disable=protected-access
+                   np.where(p[..., None, None, None], face[take], 0),
+                   np.where(p[..., None, None], mel[take], 0), has_face[take] & p, p)
   sums = np.zeros((n, 8))
-  for w in windows:
-    w = np.asarray(w)
-    p = w >= 0
-    take = np.maximum(w, 0)
-    logits = forward(predictor._params,   # pylint: disable=protected-access
-                     np.where(p[:, None, None, None], face[take], 0)[None],
-                     np.where(p[:, None, None], mel[take], 0)[None], (has_face[take] & p)[None],
-                     p[None])
-    sums[w[p]] += np.asarray(logits)[0][p]
-  mean = sums / np.bincount(np.concatenate(windows)[np.concatenate(windows) >= 0])[:, None]
+  np.add.at(sums, windows[p], logits[p])
+  mean = sums / np.bincount(windows[p])[:, None]
   ref = np.exp(mean - mean.max(-1, keepdims=True))
   np.testing.assert_allclose(probs, ref / ref.sum(-1, keepdims=True), atol=1e-5)
 
 
 def test_a_checkpoint_of_another_mode_is_a_one_line_error(tcn_run, tmp_path):
-  workdir, _, _ = tcn_run
+  """Predict (library and command) and a resumed training run name the mismatch; the
+  training run's config.json keeps the record of what was trained."""
+  workdir, _ = tcn_run
   saved = json.loads((workdir / "config.json").read_text())
   for name, length, message in (
       ("none", 1, "temporal head 'tcn', but the config asks for frame mode"),
@@ -155,10 +246,19 @@ def test_a_checkpoint_of_another_mode_is_a_one_line_error(tcn_run, tmp_path):
     (other / "config.json").write_text(json.dumps(edited))
     with pytest.raises(checkpointing.CheckpointMismatchError, match=message):
       predictor_lib.Predictor(other)
-  # The reverse direction (a frame checkpoint, a temporal config) reads the same params tree.
-  assert checkpointing._temporal_head_of({"fusion": {}}) == "none"   # pylint: disable=protected-access
   proc = subprocess.run([sys.executable, "-m", "mfer_jax.tools.predict",
                          f"--workdir={tmp_path / 'none'}", f"--video={tmp_path / 'x.mp4'}"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: checkpoint ")
+  # The reverse direction: a frame-mode training config resumed on the temporal run.
+  resumed = tmp_path / "resumed"
+  resumed.mkdir()
+  shutil.copytree(workdir / "checkpoints", resumed / "checkpoints")
+  (resumed / "config.json").write_text(json.dumps(saved))
+  frame_config = tiny_config(saved["data"]["data_dir"])
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match="temporal head 'tcn', but the config asks for frame mode"):
+    loop.train_and_evaluate(frame_config, str(resumed))
+  assert json.loads((resumed / "config.json").read_text()) == saved
+  assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["2", "4"]
