@@ -122,16 +122,23 @@ def abstract_batch(config: ConfigDict, global_batch: int, mesh: Mesh) -> dict:
   """ShapeDtypeStructs of one train batch, as the pipeline makes it, sharded like training.
 
   The log-mel window size comes from the default `FeatureParams` (the model resizes it to the
-  audio encoder's input on device, so it hardly matters).
+  audio encoder's input on device, so it hardly matters). With clips
+  (``data.sequence.length`` T > 1) ``global_batch`` counts clips: every field gains a time
+  axis of T and the batch a ``present`` mask, as in `mfer_jax.data.pipeline`.
   """
   features = FeatureParams()
   face = config.data.face_size
   shapes = {"face": ((face, face, 3), jnp.uint8),
             "mel": ((features.n_mels, features.window_frames), jnp.uint8),
             "has_face": ((), jnp.bool_), "label": ((), jnp.int32), "mask": ((), jnp.bool_)}
+  length = int(config.data.sequence.length)
+  time_axis = (length,) if length > 1 else ()
+  if time_axis:
+    shapes["present"] = ((), jnp.bool_)
   rules = config.mesh.rules
-  return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype,
-                                  sharding=sharding.batch_sharding(mesh, rules, 1 + len(shape)))
+  return {k: jax.ShapeDtypeStruct(
+      (global_batch, *time_axis, *shape), dtype,
+      sharding=sharding.batch_sharding(mesh, rules, 1 + len(time_axis) + len(shape)))
           for k, (shape, dtype) in shapes.items()}
 
 

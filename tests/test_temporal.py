@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mfer_jax import config_lib, errors
+from mfer_jax import config_lib, errors, planning, sharding
 from mfer_jax.models import layers, temporal
 from mfer_jax.models.model import ExpressionModel
 from mfer_jax.training import losses
@@ -226,3 +226,15 @@ def test_focal_with_gamma_zero_is_cross_entropy():
   cfg.focal_alpha = (1.0,) * 7
   with pytest.raises(errors.UsageError, match="8 non-negative"):
     losses.make_loss(cfg, 8)
+
+
+def test_the_planner_lays_out_clip_batches_like_the_pipeline():
+  c = config_lib.apply_variant_args(config_lib.base_config(), "clip=4,temporal=tcn")
+  mesh = sharding.make_mesh((-1, 1, 1))
+  batch = planning.abstract_batch(c, 16, mesh)
+  assert batch["face"].shape == (16, 4, c.data.face_size, c.data.face_size, 3)
+  assert {k: v.shape for k, v in batch.items() if k not in ("face", "mel")} == {
+      k: (16, 4) for k in ("has_face", "label", "mask", "present")}
+  assert batch["mel"].shape[:2] == (16, 4)
+  frames = planning.abstract_batch(config_lib.base_config(), 16, mesh)
+  assert "present" not in frames and frames["label"].shape == (16,)
