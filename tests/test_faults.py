@@ -155,12 +155,13 @@ def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(tiny_run, tiny_d
 def test_prediction_falls_back_from_a_damaged_best_checkpoint_to_the_next_best(tiny_run,
                                                                               tmp_path):
   run = _copy_run(tiny_run, tmp_path / "run")
-  best = max(evaluation.read_evals(tiny_run), key=lambda e: e["macro_f1"])["step"]
-  assert best == 6
-  DAMAGE["array_files_truncated"](run / "checkpoints" / "6")
-  # Step 12 is the other checkpoint with a macro-F1; 8 has none (it was not evaluated).
-  assert predictor_lib.Predictor(run).step == 12
-  assert _names(run) == ["12", "6.corrupt", "8"]
+  evals = sorted(evaluation.read_evals(tiny_run), key=lambda e: -e["macro_f1"])
+  # Steps 6 and 12 were evaluated (8 was only checkpointed, so it has no macro-F1).
+  assert sorted(e["step"] for e in evals) == [6, 12] and evals[0]["macro_f1"] > evals[1]["macro_f1"]
+  best, next_best = evals[0]["step"], evals[1]["step"]
+  DAMAGE["array_files_truncated"](run / "checkpoints" / str(best))
+  assert predictor_lib.Predictor(run).step == next_best
+  assert _names(run) == sorted(["8", str(next_best), f"{best}.corrupt"])
 
 
 class _FakeIterator:
