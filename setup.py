@@ -46,7 +46,9 @@ setuptools.setup(
     name="mfer-jax",
     version="0.1.0",
     description=__doc__,
-    packages=setuptools.find_packages(include=["mfer_jax", "mfer_jax.*", "data_prep", "data_prep.*"]),
+    # data_prep is an offline tool run from the repository root (python -m data_prep.build),
+    # not a library: it is not installed, so no generic top-level name lands in site-packages.
+    packages=setuptools.find_packages(include=["mfer_jax", "mfer_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
