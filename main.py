@@ -6,13 +6,15 @@
   python main.py --config=configs/abaw.py --workdir=runs/abaw --mode=eval
 
 Override any config value with --config.a.b=value (unknown keys are an error). A rerun of the
-same command resumes from the workdir's latest checkpoint.
+same command resumes from the workdir's latest checkpoint. Exit codes: 0 done, 1 data or run
+error, 2 bad flag or config, 143 preempted after saving (rerun to resume).
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from mfer_jax import runner
+from data_prep import api as data_prep_api
+from mfer_jax import cli, runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/abaw.py.",
                                           lock_config=True)
@@ -27,16 +29,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax and Grain log each file operation at INFO; progress comes from mfer_jax.console.
-    logging.set_verbosity(logging.WARNING)
+def main() -> None:
   runner.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                       _PROCESS_ID.value)
+  # The demo config names a synthetic set; making it is data preparation, not the library's.
+  data_prep_api.prepare_for_config(_CONFIG.value)
   runner.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

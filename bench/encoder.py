@@ -36,7 +36,7 @@ from flax import nnx
 
 from mfer_jax.models import swin
 from mfer_jax.models import swin_import
-from tests.timm_reference import timm, torch
+from mfer_jax.testing.timm_reference import timm, torch
 
 _BATCH = flags.DEFINE_integer("batch", 16, "images per step")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "alternating timing rounds")

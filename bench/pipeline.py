@@ -8,7 +8,7 @@ Runs the real train pipeline (dynamic resampling, default augmentation, batching
 reports wall-clock throughput and throughput per CPU-second (CPU time of this process and its
 worker processes). The machine is shared and noisy, so the per-CPU-second figure is the one to
 quote: it is what one worker core sustains. Without --data_dir a fake dataset is written to a
-temporary directory (tests/fake_data.py: 112x112 JPEG faces, 64x100 log-mel windows).
+temporary directory (mfer_jax/testing/fake_data.py: 112x112 JPEG faces, 64x100 log-mel windows).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from absl import flags
 from mfer_jax.data import config as data_config
 from mfer_jax.data import pipeline
 from mfer_jax.data import store
-from tests import fake_data
+from mfer_jax.testing import fake_data
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "prepared dataset; default: a fake one")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Grain worker processes")

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from mfer_jax import sharding
 from mfer_jax.data import pipeline, store
 from mfer_jax.training import optimizer, state as state_lib, step as step_lib
-from tests import fake_data
+from mfer_jax.testing import fake_data
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config to benchmark.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's).")

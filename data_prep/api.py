@@ -11,6 +11,7 @@ import pathlib
 from typing import Callable
 
 from data_prep import build
+from mfer_jax import constants
 from mfer_jax.data import store
 
 
@@ -59,7 +60,7 @@ def ensure_demo_dataset(raw_dir: str | os.PathLike, data_dir: str | os.PathLike,
     say(f"Prepared dataset {data_dir} is up to date.")
     return data_dir
   say(f"Preparing {data_dir} (shards, index, metadata)...")
-  summary = build.build(raw_dir, data_dir, splits=store.SPLITS, workers=workers,
+  summary = build.build(raw_dir, data_dir, splits=constants.SPLITS, workers=workers,
                         log=lambda m: None)
   say(f"  {summary.total_records} records "
       + ", ".join(f"{s} {n}" for s, n in summary.num_records.items())
@@ -68,3 +69,23 @@ def ensure_demo_dataset(raw_dir: str | os.PathLike, data_dir: str | os.PathLike,
     say(f"  {len(summary.skipped)} skipped, {len(summary.repaired)} repaired "
         "(the synthetic set has length mismatches on purpose)")
   return data_dir
+
+
+def prepare_for_config(config) -> None:
+  """Makes the synthetic dataset a config asks for (``config.synthetic``), on process 0.
+
+  main.py calls this before training, so ``python main.py --config=configs/demo.py`` needs no
+  data. The library (mfer_jax) never generates data itself: data preparation stays here.
+  Other processes of a multi-host run wait until process 0 is done.
+  """
+  syn = config.get("synthetic")
+  if not syn or not syn.enabled:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_index() == 0:
+    ensure_demo_dataset(syn.raw_dir, config.data.data_dir, num_videos=syn.num_videos,
+                        seed=syn.seed, workers=syn.workers, seconds=tuple(syn.seconds))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("synthetic data ready")

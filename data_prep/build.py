@@ -1,7 +1,7 @@
 """Builds the prepared dataset (ArrayRecord shards + index + metadata) from raw Aff-Wild2.
 
-    python -m data_prep.build --root AFFWILD2_DIR --out DATA_DIR \\
-        [--splits train,validation,test] [--workers N] [--test-list FILE] [--n-mels 64] ...
+    python -m data_prep.build --root=AFFWILD2_DIR --out=DATA_DIR \\
+        [--splits=train,validation,test] [--workers=N] [--test_list=FILE] [--n_mels=64] ...
 
 One shard per annotation file (test: per listed video), one record per annotated valid frame
 (train/validation) or per decoded frame (test, label -1); see data_prep/README.md for the
@@ -15,29 +15,29 @@ dataset that has a metadata.json is complete.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
 import os
 import pathlib
-import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+from absl import flags
 
-from data_prep import affwild2
-from data_prep import audio_features
-from data_prep import media
+from mfer_jax import cli, constants, errors, files
+from mfer_jax.data import affwild2
+from mfer_jax.media import audio_features
+from mfer_jax.media import decode
 from mfer_jax.data import records
 from mfer_jax.data import store
 
-FACE_SIZE = 112
+FACE_SIZE = constants.FACE_SIZE
 
 
-class BuildError(RuntimeError):
+class BuildError(errors.UserError, RuntimeError):
   """A fatal problem (wrong root, nothing usable); the message says what to do."""
 
 
@@ -111,8 +111,8 @@ class SkipVideo(Exception):
 def _decode_media(path: str, params: audio_features.FeatureParams):
   """(MediaInfo, whole-track uint8 mel, flags, warnings) of a media file, or a SkipVideo."""
   try:
-    info = media.probe(path)
-  except media.MediaError as e:
+    info = decode.probe(path)
+  except decode.MediaError as e:
     return SkipVideo(str(e))
   flags, warnings = [], []
   audio = np.zeros(0, np.float32)
@@ -122,7 +122,7 @@ def _decode_media(path: str, params: audio_features.FeatureParams):
   else:
     try:
       audio, _ = audio_features.load_audio(path, params, info.start_time)
-    except media.MediaError as e:
+    except decode.MediaError as e:
       flags.append("audio_error")
       warnings.append(str(e))
   return info, audio_features.compute_log_mel(audio, params), flags, warnings
@@ -270,7 +270,7 @@ def process_video(job: VideoJob, params: audio_features.FeatureParams, out: str,
       result.shard_bytes = shard.stat().st_size
   result.cpu_seconds = time.process_time() - start
   # Skipped videos get a sidecar too: a re-run does not retry unchanged bad inputs.
-  store.atomic_write_json(sidecar_path(out, job.split, job.name), {
+  files.atomic_write_json(sidecar_path(out, job.split, job.name), {
       "features": params.to_dict(), "source": job.fingerprint(),
       "result": dataclasses.asdict(result)})
   return result
@@ -303,7 +303,7 @@ def plan_jobs(root: str | os.PathLike, splits: Sequence[str],
     raise BuildError(f"{root}: cannot list media ({e})") from e
   if not index.files:
     raise BuildError(f"{root}: no media files in batch*/ folders "
-                     f"({', '.join(media.MEDIA_EXTENSIONS)}).\n{affwild2.LAYOUT_HELP}")
+                     f"({', '.join(decode.MEDIA_EXTENSIONS)}).\n{affwild2.LAYOUT_HELP}")
   plan = Plan([], [], [])
   for stem, others in sorted(index.duplicates.items()):
     plan.warnings.append(f"{others[0]}: another media file for {stem!r}; using "
@@ -341,14 +341,14 @@ def _test_names(root: pathlib.Path, test_list) -> tuple[list[str], str]:
   if test_list is None:
     found = affwild2.find_test_list(root)
     if not found:
-      raise BuildError(f"{root}: no test list (*test*set*.txt) found; pass --test-list FILE or "
+      raise BuildError(f"{root}: no test list (*test*set*.txt) found; pass --test_list=FILE or "
                        f"leave test out of --splits.\n{affwild2.LAYOUT_HELP}")
     if len(found) > 1:
       raise BuildError(f"{root}: several test lists found ({', '.join(map(str, found))}); "
-                       "choose one with --test-list FILE")
+                       "choose one with --test_list=FILE")
     test_list = found[0]
   if not os.path.isfile(test_list):
-    raise BuildError(f"--test-list {test_list}: no such file")
+    raise BuildError(f"--test_list={test_list}: no such file")
   names = affwild2.read_test_list(test_list)
   if not names:
     raise BuildError(f"{test_list}: the test list is empty")
@@ -453,14 +453,14 @@ def _remove_stale_temporaries(out: pathlib.Path) -> None:
 
   One build per output directory at a time: a concurrent build's temporaries would go too.
   """
-  for d in [out] + [out / s for s in store.SPLITS]:
+  for d in [out] + [out / s for s in constants.SPLITS]:
     if d.is_dir():
       for p in d.glob(".*.tmp"):
         p.unlink(missing_ok=True)
 
 
 def build(root: str | os.PathLike, out: str | os.PathLike,
-          splits: Sequence[str] = store.SPLITS, workers: int = 1,
+          splits: Sequence[str] = constants.SPLITS, workers: int = 1,
           params: audio_features.FeatureParams | None = None,
           test_list: str | os.PathLike | None = None,
           log: Callable[[str], None] | None = print) -> Summary:
@@ -484,9 +484,9 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
   say = log or (lambda _: None)
   params = params or audio_features.FeatureParams()
   splits = list(dict.fromkeys(splits))
-  unknown = [s for s in splits if s not in store.SPLITS]
+  unknown = [s for s in splits if s not in constants.SPLITS]
   if unknown or not splits:
-    raise BuildError(f"unknown split(s) {unknown}; choose from {','.join(store.SPLITS)}")
+    raise BuildError(f"unknown split(s) {unknown}; choose from {','.join(constants.SPLITS)}")
   out = pathlib.Path(out)
   start = time.time()
   plan = plan_jobs(root, splits, test_list)
@@ -506,7 +506,7 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
   _remove_stale_temporaries(out)
   if todo:
     # The dataset is about to change: it must stop looking complete until the end.
-    for path in [out / store.METADATA] + [out / f"{s}.index.npz" for s in store.SPLITS]:
+    for path in [out / store.METADATA] + [out / f"{s}.index.npz" for s in constants.SPLITS]:
       path.unlink(missing_ok=True)
   say(f"Preparing {len(plan.jobs)} videos from {root} into {out} "
       f"({len(plan.jobs) - len(todo)} already finished, {workers} worker(s))")
@@ -551,7 +551,7 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
     arrays = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in index.items()}
     label = arrays["label"].astype(np.int32)
     store.write_split_index(out, split, **arrays)
-    counts = np.bincount(label[label >= 0], minlength=store.NUM_CLASSES).tolist()
+    counts = np.bincount(label[label >= 0], minlength=constants.NUM_CLASSES).tolist()
     meta["splits"][split] = {"videos": names, "num_records": int(label.size),
                              "class_counts": counts}
     summary.num_records[split] = int(label.size)
@@ -559,65 +559,49 @@ def build(root: str | os.PathLike, out: str | os.PathLike,
   if not meta["videos"]:
     raise BuildError(f"no usable video in {root} for splits {','.join(splits)}; see the "
                      "errors above. Nothing was written.")
-  store.atomic_write_json(out / store.METADATA, meta)
+  files.atomic_write_json(out / store.METADATA, meta)
   summary.wall_seconds = time.time() - start
   say(summary.text())
   return summary
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def _define_flags() -> None:
+  # Defined only when run as a command: main.py and the TFDS builder import this module, and
+  # their processes must not grow --root/--out flags.
   defaults = audio_features.FeatureParams()
-  p = argparse.ArgumentParser(
-      prog="python -m data_prep.build",
-      description="Build the prepared dataset (ArrayRecord shards, index, metadata.json) "
-                  "from the raw Aff-Wild2 Expression layout. See data_prep/README.md.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--root", required=True, help="Aff-Wild2 root (batch*/, cropped_aligned/, "
-                 "annotations/, test list)")
-  p.add_argument("--out", required=True, help="dataset directory to write")
-  p.add_argument("--splits", default=",".join(store.SPLITS), help="comma-separated splits")
-  p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                 help="worker processes")
-  p.add_argument("--test-list", default=None,
-                 help="test names file (default: the *test*set*.txt under --root)")
-  p.add_argument("--sample-rate", type=int, default=defaults.sample_rate)
-  p.add_argument("--n-fft", type=int, default=defaults.n_fft)
-  p.add_argument("--hop-length", type=int, default=defaults.hop_length)
-  p.add_argument("--n-mels", type=int, default=defaults.n_mels)
-  p.add_argument("--fmin", type=float, default=defaults.fmin)
-  p.add_argument("--fmax", type=float, default=defaults.fmax)
-  p.add_argument("--window-seconds", type=float, default=defaults.window_seconds)
-  p.add_argument("--top-db", type=float, default=defaults.top_db)
-  p.add_argument("--quiet", action="store_true", help="print only warnings and the summary")
-  return p.parse_args(argv)
+  flags.DEFINE_string("root", None, "Aff-Wild2 root (batch*/, cropped_aligned/, annotations/, "
+                      "test list).", required=True)
+  flags.DEFINE_string("out", None, "Dataset directory to write.", required=True)
+  flags.DEFINE_list("splits", list(constants.SPLITS), "Splits to build.")
+  flags.DEFINE_integer("workers", min(4, os.cpu_count() or 1), "Worker processes.")
+  flags.DEFINE_string("test_list", None, "Test names file (default: the *test*set*.txt under "
+                      "--root).")
+  flags.DEFINE_integer("sample_rate", defaults.sample_rate, "Audio sample rate (Hz).")
+  flags.DEFINE_integer("n_fft", defaults.n_fft, "FFT size.")
+  flags.DEFINE_integer("hop_length", defaults.hop_length, "Hop between mel columns (samples).")
+  flags.DEFINE_integer("n_mels", defaults.n_mels, "Mel bins.")
+  flags.DEFINE_float("fmin", defaults.fmin, "Lowest mel frequency (Hz).")
+  flags.DEFINE_float("fmax", defaults.fmax, "Highest mel frequency (Hz).")
+  flags.DEFINE_float("window_seconds", defaults.window_seconds,
+                     "Audio window per frame (seconds, centred on the frame).")
+  flags.DEFINE_float("top_db", defaults.top_db, "Dynamic range kept below the peak (dB).")
+  flags.DEFINE_bool("quiet", False, "Print only warnings and the summary.")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = _parse_args(sys.argv[1:] if argv is None else argv)
+def main() -> None:
+  """``python -m data_prep.build``: see the module docstring and ``--help``."""
+  f = flags.FLAGS
   try:
     params = audio_features.FeatureParams(
-        sample_rate=args.sample_rate, n_fft=args.n_fft, hop_length=args.hop_length,
-        n_mels=args.n_mels, fmin=args.fmin, fmax=args.fmax,
-        window_seconds=args.window_seconds, top_db=args.top_db)
+        sample_rate=f.sample_rate, n_fft=f.n_fft, hop_length=f.hop_length, n_mels=f.n_mels,
+        fmin=f.fmin, fmax=f.fmax, window_seconds=f.window_seconds, top_db=f.top_db)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if args.quiet:
-    log = lambda m: print(m) if not m.startswith("[") else None   # noqa: E731
-  else:
-    log = print
-  try:
-    build(args.root, args.out, splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-          workers=args.workers, params=params, test_list=args.test_list, log=log)
-  except BuildError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("interrupted; re-run the same command to finish (finished videos are kept)",
-          file=sys.stderr)
-    return 130
-  return 0
+    raise errors.UsageError(str(e)) from e
+  log = (lambda m: print(m) if not m.startswith("[") else None) if f.quiet else print  # noqa: E731
+  build(f.root, f.out, splits=[s.strip() for s in f.splits if s.strip()], workers=f.workers,
+        params=params, test_list=f.test_list, log=log)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _define_flags()
+  cli.run(main)

@@ -1,6 +1,6 @@
 """A synthetic dataset in the exact Aff-Wild2 Expression layout, learnable from face and audio.
 
-    python -m data_prep.synth --out data/synth --num-videos 16 --seed 0 --workers 2
+    python -m data_prep.synth --out=data/synth --num_videos=16 --seed=0 --workers=2
 
 Layout (DESIGN.md §2)::
 
@@ -59,7 +59,7 @@ labelled frame with a face): LDA on 60 principal components of the 112x112 crops
 face code with balanced accuracy 0.82 on validation, LDA on the 64x100 log-mel window the
 audio code with 0.58 (chance 0.25; train 0.82: 11 voices are few). Combining the two code
 posteriors per class gives validation macro-F1 0.57, against 0.22 from the face alone and 0.20
-from the audio alone. The detector of `data_prep.faces` finds the face in all sampled frames
+from the audio alone. The detector of `mfer_jax.media.faces` finds the face in all sampled frames
 that have a crop (n=2681) and in none of those where the face is out of view (n=118).
 
 Generation is deterministic for a seed (annotations and crops byte for byte; media too for
@@ -69,7 +69,6 @@ written under temporary names, then a marker; finished videos are skipped on re-
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fractions
 import json
@@ -83,13 +82,15 @@ import time
 import cv2
 import numpy as np
 import scipy.signal
+from absl import flags
 
-from data_prep import faces
 from data_prep import media_write
 from data_prep import synth_render
+from mfer_jax import cli, constants, errors
+from mfer_jax.media import faces
 
-CLASS_NAMES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
-HEADER = ",".join(CLASS_NAMES)
+CLASS_NAMES = constants.CLASS_NAMES
+HEADER = constants.ANNOTATION_HEADER
 FACE_CODE = (0, 3, 3, 2, 1, 2, 1, 0)
 AUDIO_CODE = (0, 3, 2, 3, 0, 1, 2, 1)
 # Aff-Wild2's valid frames per class, in thousands (DESIGN.md §2).
@@ -98,7 +99,7 @@ ANNOTATION_DIR = pathlib.Path("annotations", "EXPR_Recognition_Challenge")
 SPLIT_DIRS = {"train": "Train_Set", "validation": "Validation_Set"}
 TEST_LIST = pathlib.Path("test_set", "EXPR_Recognition_Challenge_test_set_release.txt")
 MARKER_DIR = ".synth"
-CROP_SIZE = 112
+CROP_SIZE = constants.FACE_SIZE
 FRAME_HEIGHT = 192
 FRAME_WIDTH = {1: 256, 2: 384}  # by number of persons: two faces need a wider frame
 
@@ -610,30 +611,30 @@ def generate(out_dir: str | os.PathLike, num_videos: int = 16, seed: int = 0, wo
           "seconds": round(time.monotonic() - start, 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m data_prep.synth",
-      description="Write a synthetic dataset in the Aff-Wild2 Expression layout (see the module "
-                  "docstring for the class scheme). Re-running completes an interrupted run.")
-  parser.add_argument("--out", required=True, help="output directory (dataset root)")
-  parser.add_argument("--num-videos", type=int, default=16, help="media files, >= 3 (default 16)")
-  parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-  parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
-  parser.add_argument("--min-seconds", type=float, default=20.0, help="shortest video (20)")
-  parser.add_argument("--max-seconds", type=float, default=40.0, help="longest video (40)")
-  args = parser.parse_args(argv)
+def _define_flags() -> None:
+  # Defined only when run as a command: main.py imports this module for the demo data.
+  flags.DEFINE_string("out", None, "Output directory (dataset root).", required=True)
+  flags.DEFINE_integer("num_videos", 16, "Media files, >= 3.")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.DEFINE_integer("workers", 2, "Parallel processes.")
+  flags.DEFINE_float("min_seconds", 20.0, "Shortest video (seconds).")
+  flags.DEFINE_float("max_seconds", 40.0, "Longest video (seconds).")
+
+
+def main() -> None:
+  """``python -m data_prep.synth``: writes the synthetic set (see the module docstring)."""
+  f = flags.FLAGS
   try:
-    summary = generate(args.out, args.num_videos, args.seed, args.workers,
-                       (args.min_seconds, args.max_seconds))
+    summary = generate(f.out, f.num_videos, f.seed, f.workers, (f.min_seconds, f.max_seconds))
   except ValueError as e:
-    parser.error(str(e))
-  print(f"{args.out}: {len(summary['generated'])} videos written, {len(summary['skipped'])} "
+    raise errors.UsageError(str(e)) from e
+  print(f"{f.out}: {len(summary['generated'])} videos written, {len(summary['skipped'])} "
         f"already complete, in {summary['seconds']:.1f} s")
   for split, info in summary["splits"].items():
     print(f"  {split:10s} {len(info['names']):3d} annotation names, valid frames per class "
           f"{info['class_counts']}")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _define_flags()
+  cli.run(main)

@@ -28,8 +28,8 @@ import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import affwild2
-from data_prep import audio_features
+from mfer_jax.data import affwild2
+from mfer_jax.media import audio_features
 from data_prep import build
 from mfer_jax.data import records
 

@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 
 from mfer_jax import sharding
 from mfer_jax.data import config as data_config
-from mfer_jax.models.fusion import FUSION_VARIANTS
+from mfer_jax.constants import DTYPES, FUSION_VARIANTS, SAMPLING_MODES
 
 
 def _encoder(in_chans: int) -> ConfigDict:
@@ -23,7 +23,7 @@ def _encoder(in_chans: int) -> ConfigDict:
       "window_size": 7,
       "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = summed RGB kernel
       "drop_path_rate": 0.1,
-      "init_file": "",            # params from `python -m mfer_jax.convert` ('' = scratch)
+      "init_file": "",            # params from `python -m mfer_jax.tools.convert` ('' = scratch)
   })
 
 
@@ -84,8 +84,8 @@ def _fusion(c: ConfigDict, value: str) -> None:
 
 
 def _sampling(c: ConfigDict, value: str) -> None:
-  if value not in ("dynamic", "natural"):
-    raise ValueError(f"sampling={value!r}: choose dynamic or natural")
+  if value not in SAMPLING_MODES:
+    raise ValueError(f"sampling={value!r}: choose one of {SAMPLING_MODES}")
   c.data.sampling.mode = value
 
 
@@ -100,8 +100,8 @@ def _seed(c: ConfigDict, value: str) -> None:
 
 
 def _dtype(c: ConfigDict, value: str) -> None:
-  if value not in ("float32", "bfloat16"):
-    raise ValueError(f"dtype={value!r}: choose float32 or bfloat16")
+  if value not in DTYPES:
+    raise ValueError(f"dtype={value!r}: choose one of {DTYPES}")
   c.model.dtype = value
 
 

@@ -13,7 +13,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mfer_jax.data.store import CLASS_NAMES, atomic_write_json
+from mfer_jax.constants import CLASS_NAMES
+from mfer_jax.files import atomic_write_json
 
 
 def f1_from_confusion(confusion: np.ndarray) -> np.ndarray:

@@ -1,21 +1,16 @@
-"""What ``main.py`` runs: multi-host set-up, demo data, train or eval, and user-facing errors."""
+"""What ``main.py`` runs: multi-host set-up, then train or eval, and the summary it prints."""
 
 from __future__ import annotations
 
 import os
 import pathlib
-import sys
 
 import jax
 from absl import logging
 from ml_collections import ConfigDict
 
 from mfer_jax import evaluation
-from mfer_jax.data import store
-from mfer_jax.training import init_files, loop
-
-# Errors whose message already tells the user what to do: print it, no traceback.
-USER_ERRORS = (store.DatasetError, init_files.InitFileError, loop.NonFiniteLossError)
+from mfer_jax.training import loop
 
 
 def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
@@ -45,35 +40,16 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
                jax.device_count())
 
 
-def prepare_synthetic_data(config: ConfigDict) -> None:
-  """Generates and prepares the synthetic Aff-Wild2-format set if ``config.synthetic`` asks."""
-  syn = config.get("synthetic")
-  if not syn or not syn.enabled:
-    return
-  from data_prep import api  # pylint: disable=g-import-not-at-top
-
-  if jax.process_index() == 0:
-    api.ensure_demo_dataset(syn.raw_dir, config.data.data_dir, num_videos=syn.num_videos,
-                            seed=syn.seed, workers=syn.workers, seconds=tuple(syn.seconds))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("synthetic data ready")
-
-
 def run(config: ConfigDict, workdir: str, mode: str) -> dict | None:
-  """Runs ``mode`` ('train' or 'eval') and prints a readable summary; exits 1 on user errors."""
-  try:
-    prepare_synthetic_data(config)
-    if mode == "train":
-      result = loop.train_and_evaluate(config, workdir)
-    else:
-      result = loop.evaluate_workdir(config, workdir)
-  except USER_ERRORS as e:
-    sys.stderr.write(f"\nerror: {e}\n")
-    if isinstance(e, store.DatasetError) and not config.get("synthetic"):
-      sys.stderr.write("(configs/demo.py runs without any data: it makes a synthetic "
-                       "Aff-Wild2-format set itself.)\n")
-    sys.exit(1)
+  """Runs ``mode`` ('train' or 'eval') and prints a readable summary.
+
+  User errors (missing data, bad init files, NaN losses) propagate as `errors.UserError`s;
+  `mfer_jax.cli.run` turns them into one line and an exit code.
+  """
+  if mode == "train":
+    result = loop.train_and_evaluate(config, workdir)
+  else:
+    result = loop.evaluate_workdir(config, workdir)
   if result is not None and jax.process_index() == 0:
     wd = pathlib.Path(workdir)
     print("\n" + evaluation.format_summary(result))

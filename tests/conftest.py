@@ -36,7 +36,7 @@ def tiny_config(data_dir):
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
   """The small fake prepared dataset most training-side tests read (one per session)."""
-  import fake_data  # pylint: disable=g-import-not-at-top
+  from mfer_jax.testing import fake_data  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp("tiny_data")
   fake_data.make_fake_dataset(d, splits={"train": 4, "validation": 2}, frames_per_video=60,
                               mel_shape=(16, 32), face_size=32, invalid_fraction=0.1,

@@ -13,7 +13,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from data_prep import affwild2
+from mfer_jax.data import affwild2
 from data_prep import media_write
 
 HEADER = ",".join(affwild2.HEADER)

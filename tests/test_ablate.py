@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-import fake_data
-from mfer_jax import ablate, evaluation
-from mfer_jax.data.store import atomic_write_json
+from mfer_jax.testing import fake_data
+from mfer_jax import evaluation
+from mfer_jax.ablation import runs, sweep as sweep_lib, tables
+from mfer_jax.files import atomic_write_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = ROOT / "tests" / "configs" / "tiny_sweep.py"
@@ -31,7 +32,7 @@ def sweep(tmp_path_factory):
                 samplings=("dynamic",), seeds=(0,),
                 # checkpoint_every_steps=4 (tiny) leaves a step-4 checkpoint to resume from.
                 overrides=(f"data.data_dir={data}", "train.num_epochs=1"), say=lambda m: None)
-  statuses = ablate.run_sweep(**kwargs)
+  statuses = sweep_lib.run_sweep(**kwargs)
   return workdir, kwargs, statuses
 
 
@@ -47,7 +48,7 @@ def test_sweep_finishes_every_run_and_the_table_matches_the_evals(sweep):
   workdir, _, statuses = sweep
   assert [(s.variant.name, s.status) for s in statuses] == [
       (f"{f}-dynamic-seed0", "ran") for f in FUSIONS], [s.detail for s in statuses]
-  rows = ablate.summarize_sweep(workdir)
+  rows = tables.summarize_sweep(workdir)
   assert [(r["fusion"], r["sampling"], r["n_seeds"]) for r in rows] == [
       (f, "dynamic", 1) for f in FUSIONS]
   with open(workdir / "ablation.csv") as f:
@@ -72,7 +73,7 @@ def test_second_invocation_reruns_nothing(sweep):
   before = _mtimes(workdir / f"{FUSIONS[0]}-dynamic-seed0")
   before.update(_mtimes(workdir / f"{FUSIONS[1]}-dynamic-seed0"))
   t0 = time.monotonic()
-  statuses = ablate.run_sweep(**kwargs)
+  statuses = sweep_lib.run_sweep(**kwargs)
   elapsed = time.monotonic() - t0
   assert [s.status for s in statuses] == ["finished", "finished"]
   assert elapsed < 15, f"a sweep with nothing to do took {elapsed:.1f} s"
@@ -86,7 +87,7 @@ def test_second_invocation_reruns_nothing(sweep):
 def test_dry_run_cli_lists_finished_runs(sweep):
   workdir, kwargs, _ = sweep
   proc = subprocess.run(
-      [sys.executable, "-m", "mfer_jax.ablate", f"--config={SWEEP_CONFIG}",
+      [sys.executable, "-m", "mfer_jax.tools.ablate", f"--config={SWEEP_CONFIG}",
        f"--workdir={workdir}", f"--sweep={','.join(FUSIONS)},concat", "--sampling=dynamic",
        *[f"--override={o}" for o in kwargs["overrides"]], "--dry_run"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -102,8 +103,8 @@ def test_dry_run_cli_lists_finished_runs(sweep):
 def test_finished_runs_of_another_experiment_are_not_reused(sweep):
   workdir, kwargs, _ = sweep
   changed = {**kwargs, "overrides": (*kwargs["overrides"], "train.learning_rate=0.5")}
-  with pytest.raises(ablate.AblationError, match="use a new --workdir"):
-    ablate.run_sweep(**changed)
+  with pytest.raises(runs.AblationError, match="use a new --workdir"):
+    sweep_lib.run_sweep(**changed)
 
 
 def test_unfinished_run_resumes_from_its_own_checkpoint(sweep):
@@ -111,17 +112,17 @@ def test_unfinished_run_resumes_from_its_own_checkpoint(sweep):
   workdir, kwargs, _ = sweep
   done, cut = workdir / f"{FUSIONS[0]}-dynamic-seed0", workdir / f"{FUSIONS[1]}-dynamic-seed0"
   untouched = _mtimes(done)
-  (cut / ablate.MARKER).unlink()
+  (cut / runs.MARKER).unlink()
   (cut / "eval" / "6.json").unlink()
   shutil.rmtree(cut / "checkpoints" / "6")
-  assert ablate.run_sweep(**{**kwargs, "dry_run": True})[1].status == "partial"
-  statuses = ablate.run_sweep(**kwargs)
+  assert sweep_lib.run_sweep(**{**kwargs, "dry_run": True})[1].status == "partial"
+  statuses = sweep_lib.run_sweep(**kwargs)
   assert [s.status for s in statuses] == ["finished", "ran"]
   assert _mtimes(done) == untouched
   assert "Resuming from" in (cut / "train.log").read_text().split("\n=== ")[-1]
   final = _final_eval(cut)
-  assert final["step"] == 6 and (cut / ablate.MARKER).exists()
-  rows = {r["fusion"]: r for r in ablate.summarize_sweep(workdir)}
+  assert final["step"] == 6 and (cut / runs.MARKER).exists()
+  rows = {r["fusion"]: r for r in tables.summarize_sweep(workdir)}
   assert rows[FUSIONS[1]]["macro_f1_mean"] == final["macro_f1"]
 
 
@@ -134,25 +135,25 @@ def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
     script.chmod(0o755)
   for python, why in ((crash, "exit code 3"), (early, "without reaching its last step")):
     out = tmp_path / python.stem
-    statuses = ablate.run_sweep(str(SWEEP_CONFIG), out, fusions=FUSIONS, samplings=("natural",),
+    statuses = sweep_lib.run_sweep(str(SWEEP_CONFIG), out, fusions=FUSIONS, samplings=("natural",),
                                 overrides=("data.data_dir=/nowhere",), python=str(python),
                                 say=lambda m: None)
     assert [s.status for s in statuses] == ["failed", "failed"]
     assert all(why in s.detail for s in statuses), [s.detail for s in statuses]
-    assert not list(out.glob("*/" + ablate.MARKER))
-    assert ablate.summarize_sweep(out) == []
+    assert not list(out.glob("*/" + runs.MARKER))
+    assert tables.summarize_sweep(out) == []
   assert "boom: out of memory" in (tmp_path / "crash" / "ablate.log").read_text()
 
 
 def test_config_that_ignores_the_variant_is_refused(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "mfer_jax.ablate", f"--config={ROOT / 'tests/configs/tiny.py'}",
+      [sys.executable, "-m", "mfer_jax.tools.ablate", f"--config={ROOT / 'tests/configs/tiny.py'}",
        f"--workdir={tmp_path}", "--sweep=concat", "--dry_run"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
   assert "ignores its variant argument" in proc.stderr and "Traceback" not in proc.stderr
-  with pytest.raises(ablate.AblationError, match="the sweep sets"):
-    ablate.run_sweep(f"{SWEEP_CONFIG}:fusion=mfm", tmp_path, fusions=("concat",), dry_run=True)
+  with pytest.raises(runs.AblationError, match="the sweep sets"):
+    sweep_lib.run_sweep(f"{SWEEP_CONFIG}:fusion=mfm", tmp_path, fusions=("concat",), dry_run=True)
 
 
 # --- Tables and claims on hand-made runs (no training) -----------------------------------------
@@ -165,7 +166,7 @@ def _fake_sweep(workdir, table):
       run = workdir / f"{fusion}-{sampling}-seed{seed}"
       evaluation.write_eval(run, 3, {"macro_f1": f1 - 0.1, "accuracy": 0.0})
       evaluation.write_eval(run, 7, {"macro_f1": f1, "accuracy": f1 / 2})
-      atomic_write_json(run / ablate.MARKER, {"final_step": 7, "macro_f1": f1})
+      atomic_write_json(run / runs.MARKER, {"final_step": 7, "macro_f1": f1})
 
 
 def _rows(table):
@@ -176,8 +177,8 @@ def _rows(table):
 
 def test_table_statistics_over_seeds(tmp_path):
   _fake_sweep(tmp_path, {("mfm", "dynamic"): [0.5, 0.4, 0.45], ("concat", "dynamic"): [0.3]})
-  ablate.write_tables(tmp_path)
-  rows = ablate.summarize_sweep(tmp_path)
+  tables.write_tables(tmp_path)
+  rows = tables.summarize_sweep(tmp_path)
   assert [r["fusion"] for r in rows] == ["concat", "mfm"]      # table order, not name order
   mfm = rows[1]
   assert mfm["macro_f1"] == [0.5, 0.4, 0.45] and mfm["seeds"] == [0, 1, 2]
@@ -198,7 +199,7 @@ SUPPORTED = {("visual_only", "dynamic"): [0.40], ("audio_only", "dynamic"): [0.3
 
 
 def test_claims_supported():
-  fusion, resampling = ablate.assess_claims(_rows(SUPPORTED))
+  fusion, resampling = tables.assess_claims(_rows(SUPPORTED))
   assert fusion.verdict == resampling.verdict == "supported"
   assert any("best fusion `mfm` 0.5000" in d and "margin +0.1000" in d for d in fusion.details)
   assert resampling.details[0] == "dynamic is higher for 3 of 3 fusion variants"
@@ -208,7 +209,7 @@ def test_claims_supported():
 def test_claims_not_supported():
   table = {**SUPPORTED, ("mfm", "dynamic"): [0.38], ("mfm", "natural"): [0.40],
            ("visual_only", "natural"): [0.45], ("audio_only", "natural"): [0.35]}
-  fusion, resampling = ablate.assess_claims(_rows(table))
+  fusion, resampling = tables.assess_claims(_rows(table))
   assert fusion.verdict == "not supported"
   assert any("not above both (margin -0.0200)" in d for d in fusion.details)
   assert resampling.verdict == "not supported"
@@ -218,21 +219,21 @@ def test_claims_not_supported():
 def test_claims_partly_supported_and_spread_warning():
   table = {**SUPPORTED, ("mfm", "natural"): [0.30, 0.32, 0.10],
            ("mfm", "dynamic"): [0.50, 0.52, 0.48]}
-  fusion, resampling = ablate.assess_claims(_rows(table))
+  fusion, resampling = tables.assess_claims(_rows(table))
   assert fusion.verdict == "partly supported"          # natural: mfm 0.24 < visual 0.35
   assert resampling.verdict == "supported"
   mfm_line = next(d for d in resampling.details if d.startswith("`mfm`"))
   assert "single seed" not in mfm_line
-  noisy = ablate.assess_claims(_rows({("mfm", "dynamic"): [0.50, 0.30],
+  noisy = tables.assess_claims(_rows({("mfm", "dynamic"): [0.50, 0.30],
                                       ("mfm", "natural"): [0.40, 0.38]}))[1]
   assert noisy.verdict == "supported" and "not conclusive" in noisy.details[1]
 
 
 def test_claims_not_testable_and_in_the_markdown(tmp_path):
-  fusion, resampling = ablate.assess_claims(_rows({("mfm", "dynamic"): [0.5]}))
+  fusion, resampling = tables.assess_claims(_rows({("mfm", "dynamic"): [0.5]}))
   assert fusion.verdict == resampling.verdict == "not testable"
   _fake_sweep(tmp_path, {**SUPPORTED, ("mfm", "natural"): [0.60]})
-  md = ablate.write_tables(tmp_path)[0].read_text()
+  md = tables.write_tables(tmp_path)[0].read_text()
   assert "1. **The best fusion variant beats each single modality**: supported." in md
   assert ("2. **Dynamic resampling raises macro-F1 over natural sampling**: partly supported."
           in md)

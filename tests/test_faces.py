@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data_prep import faces
+from mfer_jax.media import faces
 from data_prep import synth_render
 
 HEIGHT, WIDTH = 192, 256

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mfer_jax import config_lib, sharding
-from mfer_jax.models.fusion import FUSION_VARIANTS
+from mfer_jax.constants import FUSION_VARIANTS
 from mfer_jax.models.model import ExpressionModel, face_to_input, mel_to_input
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import fake_data
+from mfer_jax.testing import fake_data
 from mfer_jax import sharding
 from mfer_jax.data import augment
 from mfer_jax.data import config
@@ -93,8 +93,6 @@ def test_default_config_matches_the_consumers():
                                       sampling.dataclasses.fields(sampling.SamplingOptions)}
   assert set(cfg.augment.keys()) == {f.name for f in
                                      augment.dataclasses.fields(augment.Augmenter)}
-  assert augment.Augmenter.from_config(cfg.augment) == augment.Augmenter()
-  assert sampling.SamplingOptions.from_config(cfg.sampling) == sampling.SamplingOptions()
 
 
 def test_train_batches_follow_the_epoch_draws(data_dir):

@@ -9,11 +9,12 @@ import av
 import numpy as np
 import pytest
 
-from data_prep import media, media_write, synth_render
-from mfer_jax import inference
-from mfer_jax import predict
+from data_prep import media_write, synth_render
+from mfer_jax.media import decode
+from mfer_jax.prediction import predictor as predictor_lib
+from mfer_jax.prediction import videos as predict
 from mfer_jax.data import store
-from mfer_jax.predict import frames as frames_lib, labels
+from mfer_jax.prediction import frames as frames_lib, labels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 192, 256
@@ -22,7 +23,7 @@ HEADER = "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
 
 @pytest.fixture(scope="module")
 def predictor(tiny_run):
-  return inference.Predictor(tiny_run, batch_size=16)
+  return predictor_lib.Predictor(tiny_run, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_one_label_per_decoded_frame_at_2997_fps(predictor, params, tmp_path):
   fps = fractions.Fraction(30000, 1001)
   video, audio = _clip(45, lambda i: i < 20 or i >= 30, fps=fps)
   path = media_write.write_video(tmp_path / "clip.mp4", video, fps, audio, 44100)
-  decoded = media.probe(path).num_frames
+  decoded = decode.probe(path).num_frames
   result = predict.predict_video(predictor, params, path, tmp_path / "out" / "clip.txt")
   lines = _lines(result.label_file)
   assert lines[0] == HEADER
@@ -80,11 +81,11 @@ def test_one_label_per_decoded_frame_at_2997_fps(predictor, params, tmp_path):
 
 def test_audio_windows_match_data_preparation(params, tmp_path):
   """The windows prediction builds equal data_prep's for the same file and frame times."""
-  from data_prep import audio_features  # pylint: disable=g-import-not-at-top
+  from mfer_jax.media import audio_features  # pylint: disable=g-import-not-at-top
   video, audio = _clip(30, lambda i: True, fps=10, sample_rate=48000)
   path = media_write.write_video(tmp_path / "clip.avi", video, 10, audio, 48000)
   inputs = frames_lib.read_video(path, params, 32)
-  info = media.probe(path)
+  info = decode.probe(path)
   wav, _ = audio_features.load_audio(path, params, info.start_time)
   windows = audio_features.frame_windows(audio_features.compute_log_mel(wav, params),
                                          info.fps, info.num_frames, params)
@@ -169,7 +170,7 @@ def test_submission_writes_one_file_per_test_video(tiny_run, tmp_path):
   (root / "test_set" / "EXPR_Recognition_Challenge_test_set_release.txt").write_text(
       "\n".join(counts) + "\n")
   out = tmp_path / "submission"
-  proc = subprocess.run([sys.executable, "-m", "mfer_jax.predict", f"--workdir={tiny_run}",
+  proc = subprocess.run([sys.executable, "-m", "mfer_jax.tools.predict", f"--workdir={tiny_run}",
                          f"--root={root}", "--split=test", f"--out={out}"], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -183,16 +184,16 @@ def test_submission_writes_one_file_per_test_video(tiny_run, tmp_path):
 
 
 def test_cli_errors_are_clear(tiny_run, tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "mfer_jax.predict", f"--workdir={tiny_run}",
+  proc = subprocess.run([sys.executable, "-m", "mfer_jax.tools.predict", f"--workdir={tiny_run}",
                          f"--video={tmp_path / 'missing.mp4'}"], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and "missing.mp4" in proc.stderr
   assert "Traceback" not in proc.stderr
-  proc = subprocess.run([sys.executable, "-m", "mfer_jax.predict", f"--workdir={tmp_path}",
+  proc = subprocess.run([sys.executable, "-m", "mfer_jax.tools.predict", f"--workdir={tmp_path}",
                          f"--video={tmp_path / 'x.mp4'}"], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and "config.json" in proc.stderr
 
 
 def test_labels_header_matches_the_class_order():
-  assert labels.HEADER == HEADER == ",".join(store.CLASS_NAMES)
+  assert labels.HEADER == HEADER == constants.ANNOTATION_HEADER

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import commands
 import prep_raw
 from data_prep import build
 from mfer_jax.data import reader as reader_lib
@@ -60,7 +61,7 @@ def test_length_mismatch_truncates_or_pads(tmp_path, num_labels, expected_record
   assert index.frame.tolist() == list(range(1, expected_records + 1))
 
 
-def test_corrupt_media_is_skipped_and_only_corrupt_is_fatal(tmp_path, capsys):
+def test_corrupt_media_is_skipped_and_only_corrupt_is_fatal(tmp_path):
   root = tmp_path / "raw"
   _good_video(root)
   (root / "batch2").mkdir()
@@ -71,10 +72,9 @@ def test_corrupt_media_is_skipped_and_only_corrupt_is_fatal(tmp_path, capsys):
   assert summary.num_records["train"] == 12
   (root / "batch1" / "good.mp4").unlink()
   (root / "batch1" / "good.mp4").write_bytes(b"not a video")
-  assert build.main(["--root", str(root), "--out", str(tmp_path / "out2"),
-                     "--splits", "train", "--workers", "1"]) == 1
-  err = capsys.readouterr().err
-  assert "no usable video" in err and "Traceback" not in err
+  proc = commands.run("data_prep.build", f"--root={root}", f"--out={tmp_path / 'out2'}",
+                      "--splits=train", "--workers=1")
+  commands.assert_user_error(proc, 1, "no usable video")
 
 
 @pytest.mark.parametrize("lines,where,what", [
@@ -129,39 +129,36 @@ def test_older_challenge_folder_name_is_read(tmp_path):
                    .mkdir(parents=True)), "annotation folder is empty"),
     (lambda root: prep_raw.write_media(root / "batch1" / "a.mp4", 4), "no annotation folder"),
 ])
-def test_wrong_root_or_empty_folder_is_fatal_with_layout_help(tmp_path, capsys, make, message):
+def test_wrong_root_or_empty_folder_is_fatal_with_layout_help(tmp_path, make, message):
   root = tmp_path / "raw"
   make(root)
-  code = build.main(["--root", str(root), "--out", str(tmp_path / "out"), "--splits",
-                     "train", "--workers", "1"])
-  err = capsys.readouterr().err
-  assert code == 1 and message in err and "Traceback" not in err
+  proc = commands.run("data_prep.build", f"--root={root}", f"--out={tmp_path / 'out'}",
+                      "--splits=train", "--workers=1")
+  line = commands.assert_user_error(proc, 1, message)
   if message != "is not a directory":
-    assert "cropped_aligned/<name>/<NNNNN>.jpg" in err   # the expected layout is explained
+    assert "cropped_aligned/<name>/<NNNNN>.jpg" in line   # the expected layout is explained
   assert not (tmp_path / "out" / store.METADATA).exists()
 
 
-def test_missing_test_list_is_fatal_unless_given(tmp_path, capsys):
+def test_missing_test_list_is_fatal_unless_given(tmp_path):
   root = tmp_path / "raw"
   _good_video(root)
   prep_raw.write_media(root / "batch1" / "t1.mp4", 5)
-  assert build.main(["--root", str(root), "--out", str(tmp_path / "out"), "--workers",
-                     "1"]) == 1
-  assert "--test-list" in capsys.readouterr().err
+  proc = commands.run("data_prep.build", f"--root={root}", f"--out={tmp_path / 'out'}",
+                      "--workers=1")
+  commands.assert_user_error(proc, 1, "--test_list")
   listing = tmp_path / "names.txt"
   listing.write_text("t1.mp4\n\nt1\n")
   summary, _ = _run(root, tmp_path / "out", splits=("train", "test"), test_list=listing)
   assert summary.num_records["test"] == 5   # every decoded frame, once
 
 
-def test_help_exits_cleanly(capsys):
-  with pytest.raises(SystemExit) as e:
-    build.main(["--help"])
-  assert e.value.code == 0 and "--root" in capsys.readouterr().out
+def test_help_exits_cleanly():
+  proc = commands.run("data_prep.build", "--help")
+  assert proc.returncode == 0 and "--root" in proc.stdout, proc.stderr
 
 
-def test_bad_option_value_is_a_usage_error(tmp_path, capsys):
-  assert build.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"),
-                     "--hop-length", "0"]) == 2
-  err = capsys.readouterr().err
-  assert "hop_length must be positive" in err and "Traceback" not in err
+def test_bad_option_value_is_a_usage_error(tmp_path):
+  proc = commands.run("data_prep.build", f"--root={tmp_path}", f"--out={tmp_path / 'o'}",
+                      "--hop_length=0")
+  commands.assert_user_error(proc, 2, "hop_length must be positive")

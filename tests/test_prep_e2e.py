@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from data_prep import affwild2
+from mfer_jax.data import affwild2
 from data_prep import build
-from data_prep import media
+from mfer_jax.media import decode
 from mfer_jax.data import config
 from mfer_jax.data import pipeline
 from mfer_jax.data import records
@@ -63,7 +63,7 @@ def test_test_records_are_every_decoded_frame(dataset):
   names = affwild2.read_test_list(next((raw / "test_set").glob("*.txt")))
   assert meta["splits"]["test"]["videos"] == names
   for vid, name in enumerate(names):
-    decoded = sum(1 for _ in media.decode_frames(raw / meta["videos"][name]["media"]))
+    decoded = sum(1 for _ in decode.decode_frames(raw / meta["videos"][name]["media"]))
     assert decoded == meta["videos"][name]["num_frames"]
     assert index.frame[index.video_id == vid].tolist() == list(range(1, decoded + 1))
   assert (index.label == -1).all()

@@ -6,7 +6,7 @@ import librosa
 import numpy as np
 import pytest
 
-from data_prep import audio_features
+from mfer_jax.media import audio_features
 
 P = audio_features.FeatureParams()
 

@@ -1,4 +1,4 @@
-"""media.probe / decode_audio across containers and codecs, with a click to check timing."""
+"""decode.probe / decode_audio across containers and codecs, with a click to check timing."""
 
 import fractions
 
@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from data_prep import media
+from mfer_jax.media import decode
 
 SR = 48000
 
@@ -54,22 +54,22 @@ def _write(path, fmt, vcodec, acodec, fps, n=30, audio_format="fltp"):
 def test_probe_and_audio_across_formats(tmp_path, ext, fmt, vcodec, acodec):
   path = tmp_path / f"clip{ext}"
   click = _write(path, fmt, vcodec, acodec, fps=25)
-  info = media.probe(path)
+  info = decode.probe(path)
   assert info.num_frames == 30 and info.fps == 25 and info.sample_rate == SR
   assert info.duration == pytest.approx(1.2) and info.has_audio
-  audio, rate = media.decode_audio(path, info.start_time)
+  audio, rate = decode.decode_audio(path, info.start_time)
   assert rate == SR and audio.dtype == np.float32 and audio.ndim == 1
   # Lossy codecs smear a click, but its energy stays within a few ms of where it was put.
   peak = int(np.argmax(np.convolve(audio ** 2, np.ones(96), "same")))
   assert abs(peak - (click + 48)) < SR // 200, (peak, click)
-  frames = list(media.decode_frames(path))
+  frames = list(decode.decode_frames(path))
   assert len(frames) == 30 and frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
 
 
 def test_errors_name_the_file(tmp_path):
   bad = tmp_path / "bad.mp4"
   bad.write_bytes(b"garbage" * 10)
-  with pytest.raises(media.MediaError, match="bad.mp4"):
-    media.probe(bad)
-  with pytest.raises(media.MediaError, match="missing.avi"):
-    media.probe(tmp_path / "missing.avi")
+  with pytest.raises(decode.MediaError, match="bad.mp4"):
+    decode.probe(bad)
+  with pytest.raises(decode.MediaError, match="missing.avi"):
+    decode.probe(tmp_path / "missing.avi")

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import prep_raw
-from data_prep import audio_features
+from mfer_jax.media import audio_features
 from data_prep import build
 from mfer_jax.data import store
 

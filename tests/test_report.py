@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from mfer_jax import evaluation, report
+from mfer_jax import evaluation, reporting as report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +83,7 @@ def test_eval_only_workdir_without_gates_or_metrics(tmp_path):
 
 
 def test_missing_workdir_or_evals_is_a_clear_error(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "mfer_jax.report",
+  proc = subprocess.run([sys.executable, "-m", "mfer_jax.tools.report",
                          f"--workdir={tmp_path / 'nowhere'}"], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 1

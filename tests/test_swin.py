@@ -17,7 +17,7 @@ from mfer_jax.models import matmul
 from mfer_jax.models import swin
 from mfer_jax.models import swin_import
 from mfer_jax.models import swin_layers
-from timm_reference import timm_swin, torch
+from mfer_jax.testing.timm_reference import timm_swin, torch
 
 
 def _timm_and_ours(tmp_path, cfg: swin.SwinConfig, seed: int = 0):

@@ -10,10 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from data_prep import faces
+import commands
 from data_prep import media_write
 from data_prep import synth
 from data_prep import synth_render
+from mfer_jax.media import faces
 
 SECONDS = (3.0, 4.0)  # short videos keep the module's generations around a second each
 ANNOTATIONS = pathlib.Path("annotations", "EXPR_Recognition_Challenge")
@@ -153,12 +154,11 @@ def test_resume_regenerates_only_the_missing_video(tmp_path):
   assert not stale.exists()
 
 
-def test_bad_arguments_give_clear_errors(tmp_path, capsys):
+def test_bad_arguments_give_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="num_videos must be >= 3"):
     synth.generate(tmp_path, num_videos=2)
-  with pytest.raises(SystemExit):
-    synth.main(["--out", str(tmp_path), "--num-videos", "1"])
-  assert "num_videos must be >= 3" in capsys.readouterr().err
+  proc = commands.run("data_prep.synth", f"--out={tmp_path}", "--num_videos=1")
+  commands.assert_user_error(proc, 2, "num_videos must be >= 3")
 
 
 def test_media_write_round_trip_exact_ntsc_rate_and_audio_from_zero(tmp_path):

@@ -1,13 +1,20 @@
 """Defaults of ``config.data``: the input pipeline, augmentation and resampling settings.
 
-Experiment configs start from `default_data_config()` and override keys. Every key is read by
+Experiment configs start from `default_data_config()` and override keys. The defaults of
+``augment.*`` and ``sampling.*`` are the field defaults of `augment.Augmenter` and
+`sampling.SamplingOptions`, written once there. Every key is read by
 `mfer_jax.data.pipeline` (reading, batching, workers), `mfer_jax.data.augment` (``augment.*``)
 or `mfer_jax.data.sampling` (``sampling.*``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from mfer_jax import constants
+from mfer_jax.data import augment, sampling
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -52,7 +59,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.data_dir = ""
-  c.face_size = 112
+  c.face_size = constants.FACE_SIZE
   c.seed = 0
   c.batch_size = 64
   c.eval_batch_size = 64
@@ -61,27 +68,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.read_threads = 1
   c.prefetch = 2
 
-  c.augment = ml_collections.ConfigDict()
-  c.augment.enabled = True
-  c.augment.random_resized_crop = True
-  c.augment.crop_scale = (0.8, 1.0)
-  c.augment.crop_ratio = (3 / 4, 4 / 3)
-  c.augment.hflip = 0.5
-  c.augment.brightness = 0.2
-  c.augment.contrast = 0.2
-  c.augment.saturation = 0.2
-  c.augment.spec_time_masks = 2
-  c.augment.spec_time_width = 10
-  c.augment.spec_freq_masks = 2
-  c.augment.spec_freq_width = 8
-
-  c.sampling = ml_collections.ConfigDict()
-  c.sampling.mode = "dynamic"
-  c.sampling.alpha_start = 1.0
-  c.sampling.alpha_end = 0.3
-  c.sampling.alpha_decay_epochs = 10
-  c.sampling.alpha_shape = "linear"
-  c.sampling.epoch_size = 0
-  c.sampling.stratify_chunk = 0
-  c.sampling.adaptive_beta = 0.0
+  # The recipes' dataclasses hold the defaults (one place); the config mirrors their fields.
+  c.augment = ml_collections.ConfigDict(dataclasses.asdict(augment.Augmenter()))
+  c.sampling = ml_collections.ConfigDict(dataclasses.asdict(sampling.SamplingOptions()))
   return c

@@ -16,13 +16,14 @@ from array_record.python import array_record_module
 import grain
 import numpy as np
 
+from mfer_jax import errors
 from mfer_jax.data import records
 from mfer_jax.data import store
 
 _REBUILD = "rebuild the dataset with `python -m data_prep.build`"
 
 
-class ShardReadError(RuntimeError):
+class ShardReadError(errors.UserError, RuntimeError):
   """A shard that cannot be read or does not match the split index; names the file."""
 
 

@@ -33,12 +33,14 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
+from mfer_jax import errors
+
 MAGIC = b"MFR1"
 SCHEMA_VERSION = 1
 _HEADER_LEN = struct.Struct("<I")
 
 
-class RecordError(ValueError):
+class RecordError(errors.UserError, ValueError):
   """A record that does not follow the layout above (truncated, wrong magic, bad header)."""
 
 

@@ -31,9 +31,9 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from mfer_jax.data import store
+from mfer_jax import constants
 
-MODES = ("dynamic", "natural")
+MODES = constants.SAMPLING_MODES
 ALPHA_SHAPES = ("linear", "cosine", "constant")
 # Floor of (1 - F1_c) in adaptive mode: a class that is perfect on validation keeps a small
 # weight instead of vanishing (and the weights can never all be zero).
@@ -181,8 +181,8 @@ class EpochSampler:
     entries = []
     for first_epoch, class_f1 in schedule:
       f1 = tuple(float(v) for v in class_f1)
-      if len(f1) != store.NUM_CLASSES or not all(0.0 <= v <= 1.0 for v in f1):
-        raise ValueError(f"class_f1 must hold {store.NUM_CLASSES} values in [0, 1], got {f1}")
+      if len(f1) != constants.NUM_CLASSES or not all(0.0 <= v <= 1.0 for v in f1):
+        raise ValueError(f"class_f1 must hold {constants.NUM_CLASSES} values in [0, 1], got {f1}")
       entries.append((int(first_epoch), f1))
     new = EpochSampler.__new__(EpochSampler)
     new.__setstate__({**self.__getstate__(), "class_f1_schedule": tuple(sorted(entries))})
@@ -203,7 +203,7 @@ class EpochSampler:
 
   def _distribution(self, epoch: int, rng: np.random.Generator):
     candidates = self._candidates(rng)
-    counts = np.bincount(self._label[candidates], minlength=store.NUM_CLASSES)
+    counts = np.bincount(self._label[candidates], minlength=constants.NUM_CLASSES)
     weights = class_weights(counts, self.alpha(epoch), self.class_f1(epoch),
                             self.options.adaptive_beta)
     p = weights[self._label[candidates]]

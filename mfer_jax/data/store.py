@@ -33,38 +33,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from mfer_jax import errors, files
 from mfer_jax.data import records
 
-NUM_CLASSES = 8
-CLASS_NAMES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
-SPLITS = ("train", "validation", "test")
 METADATA = "metadata.json"
 
 
-class DatasetError(FileNotFoundError):
+class DatasetError(errors.UserError, FileNotFoundError):
   """The prepared dataset is missing or inconsistent; the message says how to fix it."""
-
-
-def _tmp_name(path: pathlib.Path) -> pathlib.Path:
-  return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a temporary file and an atomic rename."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp_name(path)
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
-  """Writes ``obj`` as indented JSON, atomically (``sort_keys=False`` keeps dict order)."""
-  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n")
-                     .encode("utf-8"))
 
 
 def shard_path(data_dir: str | os.PathLike, split: str, video: str) -> pathlib.Path:
@@ -80,7 +56,7 @@ def write_shard(path: str | os.PathLike, encoded_records: Iterable[bytes]) -> in
 
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp_name(path)
+  tmp = files.temporary_name(path)
   writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
   n = 0
   try:
@@ -129,7 +105,7 @@ def write_split_index(data_dir: str | os.PathLike, split: str, *, label, frame, 
                       has_face) -> None:
   """Writes ``<split>.index.npz`` atomically (plain arrays; read with allow_pickle=False)."""
   path = pathlib.Path(data_dir) / f"{split}.index.npz"
-  tmp = _tmp_name(path)
+  tmp = files.temporary_name(path)
   with open(tmp, "wb") as f:
     np.savez(f, label=np.asarray(label, np.int32), frame=np.asarray(frame, np.int32),
              video_id=np.asarray(video_id, np.int32), has_face=np.asarray(has_face, bool))
@@ -142,7 +118,7 @@ def load_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
   if not path.is_file():
     raise DatasetError(
         f"{path} not found: {data_dir} is not a prepared dataset. Prepare Aff-Wild2 with "
-        f"`python -m data_prep.build --root AFFWILD2_DIR --out {data_dir}`, or run "
+        f"`python -m data_prep.build --root=AFFWILD2_DIR --out={data_dir}`, or run "
         "`python main.py --config=configs/demo.py`, which makes a synthetic set itself.")
   meta = json.loads(path.read_text())
   if meta.get("schema_version") != records.SCHEMA_VERSION:

@@ -24,9 +24,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from mfer_jax import sharding
+from mfer_jax.constants import FUSION_VARIANTS
 from mfer_jax.models import fusion_layers as L
 
-FUSION_VARIANTS = ("visual_only", "audio_only", "concat", "sum", "gated", "mfm")
 
 
 class Fusion(nnx.Module):

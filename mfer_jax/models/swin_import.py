@@ -16,7 +16,7 @@ Mapping, following timm's ``checkpoint_filter_fn``:
   * A 3-channel patch kernel loaded into a 1-channel model (spectrograms) is summed over the
     input channels, which gives the same embedding as a grey image repeated three times.
 
-Our converted files (see `save_params` and ``python -m mfer_jax.convert``) hold flat
+Our converted files (see `save_params` and ``python -m mfer_jax.tools.convert``) hold flat
 '/'-joined param paths and load through the same function, with the same adaptations.
 """
 
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfer_jax import errors, files
 from mfer_jax.models import swin
 
 Params = dict[str, np.ndarray]
@@ -40,7 +41,7 @@ _BUFFERS = ("relative_position_index", "attn_mask")
 _SHOWN = 4  # keys listed per problem kind in error messages
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint that cannot be read, or does not fit the requested model."""
 
 
@@ -64,7 +65,7 @@ def read_state_dict(path: str) -> Params:
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
         f"{path}: cannot read checkpoint ({type(e).__name__}: {e}). The file is truncated or "
-        "corrupt; re-download or re-export it (e.g. `python -m mfer_jax.convert`).") from e
+        "corrupt; re-download or re-export it (e.g. `python -m mfer_jax.tools.convert`).") from e
 
 
 def _read_safetensors(path: str) -> Params:
@@ -325,9 +326,13 @@ def import_pretrained(model: swin.SwinTransformer, path: str) -> None:
 
 
 def save_params(path: str, params: Mapping[str, np.ndarray], cfg: swin.SwinConfig) -> None:
-  """Writes params as .safetensors with flat '/' keys and the config as metadata."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  """Writes params as .safetensors with flat '/' keys and the config as metadata.
+
+  The file is written atomically (temporary name, then rename), its folder created if needed.
+  """
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   meta = {"format": "mfer_jax.swin", "variant": cfg.variant,
           "img_size": ",".join(map(str, cfg.img_size)), "window_size": str(cfg.window_size),
           "in_chans": str(cfg.in_chans)}
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}, path, meta)
+  files.atomic_write_bytes(
+      path, save({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}, meta))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import logging
 from flax import nnx
 
-from mfer_jax import console
+from mfer_jax import console, errors
 from ml_collections import ConfigDict
 
 from mfer_jax.models import swin_import
@@ -17,7 +17,7 @@ from mfer_jax.models.model import encoder_config
 from mfer_jax.training.state import ModelSpec, TrainState
 
 
-class InitFileError(ValueError):
+class InitFileError(errors.UserError, ValueError):
   """An init file named in the config cannot be used; the message names the config key."""
 
 
@@ -45,7 +45,7 @@ def apply_init_files(config: ConfigDict, spec: ModelSpec, state: TrainState) -> 
       swin_import.apply_to_model(encoder, params)
     except (OSError, swin_import.CheckpointError) as e:
       raise InitFileError(f"{key}={path}: {e}\nConvert a timm or Microsoft Swin checkpoint "
-                          "with `python -m mfer_jax.convert --help`, or set the key to '' "
+                          "with `python -m mfer_jax.tools.convert --help`, or set the key to '' "
                           "to train from scratch.") from e
     console.say(f"Initialised the {key.split('.')[1]} encoder from {path}")
     loaded = True

@@ -18,13 +18,13 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from mfer_jax import console, evaluation, sharding
+from mfer_jax import console, errors, evaluation, files, sharding
 from mfer_jax.data import pipeline, store
 from mfer_jax.training import checkpointing, init_files, observability, optimizer, state as state_lib
 from mfer_jax.training import step as step_lib
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   """The loss or gradient became NaN/Inf; the message names the step and the last checkpoint."""
 
 
@@ -65,8 +65,8 @@ def write_run_files(config: ConfigDict, workdir: pathlib.Path,
   """config.json, and features.json: the dataset's feature parameters, which prediction
   needs to build audio windows exactly as in training, even without the training data."""
   if jax.process_index() == 0:
-    store.atomic_write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-    store.atomic_write_json(workdir / "features.json", train_index.features)
+    files.atomic_write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    files.atomic_write_json(workdir / "features.json", train_index.features)
 
 
 def build_run(config: ConfigDict, workdir: str) -> Run:

@@ -28,11 +28,13 @@ from typing import Iterator
 import av
 import numpy as np
 
+from mfer_jax import errors
+
 # File extensions searched for media, in order of preference (Aff-Wild2 has .mp4 and .avi).
 MEDIA_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".flv", ".mov", ".m4v")
 
 
-class MediaError(RuntimeError):
+class MediaError(errors.UserError, RuntimeError):
   """A media file that cannot be opened or decoded; the message names the file."""
 
 

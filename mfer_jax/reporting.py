@@ -1,9 +1,9 @@
 """Plots and a markdown summary of one trained run: where the model fails and how it trained.
 
-  python -m mfer_jax.report --workdir runs/demo                # best eval, into runs/demo/report/
-  python -m mfer_jax.report --workdir runs/demo --step 600 --out /tmp/demo_report
+  python -m mfer_jax.tools.report --workdir=runs/demo             # best eval, into runs/demo/report/
+  python -m mfer_jax.tools.report --workdir=runs/demo --step=600 --out=/tmp/demo_report
 
-Reads only the workdir contract (DESIGN.md §4): ``eval/<step>.json``, ``metrics.jsonl`` and
+Reads only the workdir contract (docs/design.md): ``eval/<step>.json``, ``metrics.jsonl`` and
 ``config.json``; no checkpoint is loaded and no device is used. Writes, each atomically:
 
   confusion.png        confusion matrix, counts and row-normalised (recall per true class)
@@ -22,18 +22,16 @@ import json
 import math
 import os
 import pathlib
-import sys
 from typing import Any, Sequence
 
 import numpy as np
-from absl import app, flags
 # The Figure API with the Agg canvas: no pyplot global state and no display backend, so this
 # works on headless machines and never switches the backend of a caller's session.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mfer_jax import evaluation
-from mfer_jax.data.store import atomic_write_bytes
+from mfer_jax import constants, errors, evaluation
+from mfer_jax.files import atomic_write_bytes
 
 PLOTS = {
     "confusion": "confusion.png",
@@ -44,11 +42,10 @@ PLOTS = {
 # metrics.jsonl keys drawn as training curves, with their axis titles.
 CURVES = (("loss", "training loss"), ("learning_rate", "learning rate"),
           ("grad_norm", "gradient norm"), ("examples_per_second", "examples / s"))
-# Fusion variants whose gate weights are fixed by construction, not learned (models/fusion.py).
-FIXED_GATES = ("visual_only", "audio_only", "concat", "sum")
+FIXED_GATES = constants.FIXED_GATE_FUSIONS
 
 
-class ReportError(FileNotFoundError):
+class ReportError(errors.UserError, FileNotFoundError):
   """The workdir cannot be reported on; the message says why and what to do."""
 
 
@@ -267,30 +264,3 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
   path = out / "report.md"
   atomic_write_bytes(path, (md + "\n").encode("utf-8"))
   return path
-
-
-def _define_flags() -> None:
-  # Defined only when run as a command: importing the library must not register flags that
-  # could clash with another tool's (two modules defining --workdir is an absl error).
-  flags.DEFINE_string("workdir", None, "Training run directory (with eval/).", required=True)
-  flags.DEFINE_string("out", None, "Output directory; default <workdir>/report.")
-  flags.DEFINE_integer("step", None, "Eval step to report; default the best by macro-F1.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    f = flags.FLAGS
-    path = write_report(f.workdir, f.out, f.step)
-  except ReportError as e:
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(1)
-  result_md = path.read_text().splitlines()
-  print(f"Wrote {path} and its plots in {path.parent}/")
-  print("\n".join(l for l in result_md if l.startswith("- Evaluation")))
-
-
-if __name__ == "__main__":
-  _define_flags()
-  app.run(main)

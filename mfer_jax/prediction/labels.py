@@ -13,9 +13,9 @@ import pathlib
 
 import numpy as np
 
-from mfer_jax.data import store
+from mfer_jax import constants, files
 
-HEADER = ",".join(store.CLASS_NAMES)
+HEADER = constants.ANNOTATION_HEADER
 
 # What a frame without a face gets (documented in the README):
 #   audio:   the model's own prediction from the audio window alone (has_face=False, the same
@@ -59,7 +59,7 @@ def smooth(probs: np.ndarray, window: int) -> np.ndarray:
 def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
   """Writes an ABAW prediction file (header + one label per frame), atomically."""
   text = HEADER + "\n" + "".join(f"{int(l)}\n" for l in labels)
-  store.atomic_write_bytes(path, text.encode())
+  files.atomic_write_bytes(path, text.encode())
 
 
 def write_probabilities(path: str | os.PathLike, probs: np.ndarray, labels: np.ndarray,
@@ -67,13 +67,13 @@ def write_probabilities(path: str | os.PathLike, probs: np.ndarray, labels: np.n
   """Writes the per-frame CSV beside a label file: frame, label, has_face, p_<class>...,
   gate_visual, gate_audio (atomically)."""
   buf = io.StringIO()
-  buf.write("frame,label,has_face," + ",".join(f"p_{c}" for c in store.CLASS_NAMES)
+  buf.write("frame,label,has_face," + ",".join(f"p_{c}" for c in constants.CLASS_NAMES)
             + ",gate_visual,gate_audio\n")
   for i in range(len(labels)):
     row = [str(i + 1), str(int(labels[i])), str(int(has_face[i]))]
     row += [f"{p:.6f}" for p in probs[i]] + [f"{g:.6f}" for g in gates[i]]
     buf.write(",".join(row) + "\n")
-  store.atomic_write_bytes(path, buf.getvalue().encode())
+  files.atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def probabilities_path(label_path: str | os.PathLike) -> pathlib.Path:

@@ -1,6 +1,6 @@
 """A trained model from a workdir, as a batched, jitted ``predict(face, mel, has_face)``.
 
-Prediction tools (``mfer_jax.predict``) use this; training never does. The workdir's
+Prediction (`mfer_jax.prediction.videos`, ``python -m mfer_jax.tools.predict``) uses this; training never does. The workdir's
 ``config.json`` rebuilds the model, and the best checkpoint by validation macro-F1 (or the
 latest) supplies the parameters. Inference runs on one device with a fixed batch size, and
 the last partial batch is padded, so the function compiles exactly once per process.
@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from mfer_jax import config_lib, sharding
+from mfer_jax import config_lib, errors, sharding
 from mfer_jax.training import checkpointing, optimizer, state as state_lib
 
 
-class WorkdirError(FileNotFoundError):
+class WorkdirError(errors.UserError, FileNotFoundError):
   """A workdir without the config or checkpoint that prediction needs."""
 
 

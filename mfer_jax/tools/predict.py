@@ -2,12 +2,12 @@ r"""Predict expressions for videos with a trained run.
 
 One video (faces are detected in each frame; labels and probabilities are written):
 
-  python -m mfer_jax.predict --workdir=runs/abaw --video=clip.mp4 [--out=clip.txt]
+  python -m mfer_jax.tools.predict --workdir=runs/abaw --video=clip.mp4 [--out=clip.txt]
 
 An ABAW submission: one file per video of a split of an Aff-Wild2 root (the split's
 cropped_aligned crops are used where they exist, as in training):
 
-  python -m mfer_jax.predict --workdir=runs/abaw --root=/data/Aff-Wild2 --split=test \
+  python -m mfer_jax.tools.predict --workdir=runs/abaw --root=/data/Aff-Wild2 --split=test \
       --out=submission/
 
 Every decoded frame gets a label. Frames without a face follow --no_face: 'audio' predicts
@@ -18,14 +18,13 @@ probabilities and modality gates go to <out stem>.probs.csv beside each label fi
 from __future__ import annotations
 
 import pathlib
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from data_prep import affwild2, media
-from mfer_jax import console, inference
-from mfer_jax import predict as predict_lib
-from mfer_jax.predict import labels as labels_lib
+from mfer_jax import cli, console, errors
+from mfer_jax.prediction import predictor as predictor_lib
+from mfer_jax.prediction import videos as predict_lib
+from mfer_jax.prediction import labels as labels_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained run directory (config + checkpoints).")
 _VIDEO = flags.DEFINE_string("video", None, "One video file to predict.")
@@ -52,8 +51,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Frames per jitted model call.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "--root: rewrite existing files.")
 flags.mark_flag_as_required("workdir")
 
-USER_ERRORS = (inference.WorkdirError, media.MediaError, affwild2.LayoutError,
-               FileNotFoundError)
 
 
 def _report(name, result) -> None:
@@ -66,10 +63,10 @@ def _report(name, result) -> None:
     console.say(f"  warning: {note}")
 
 
-def run() -> None:
+def main() -> None:
   if bool(_VIDEO.value) == bool(_ROOT.value):
     raise app.UsageError("give exactly one of --video (one file) or --root (a whole split)")
-  predictor = inference.Predictor(_WORKDIR.value, _CHECKPOINT.value, _BATCH.value)
+  predictor = predictor_lib.Predictor(_WORKDIR.value, _CHECKPOINT.value, _BATCH.value)
   params = predict_lib.feature_params(_WORKDIR.value, predictor.config)
   console.say(f"Model: {_WORKDIR.value} step {predictor.step}")
   options = dict(smooth_window=_SMOOTH.value, no_face=_NO_FACE.value,
@@ -77,7 +74,7 @@ def run() -> None:
   if _VIDEO.value:
     video = pathlib.Path(_VIDEO.value)
     if not video.is_file():
-      raise FileNotFoundError(f"{video}: no such video file")
+      raise errors.UserError(f"--video={video}: no such file; give the path of a video file")
     out = _OUT.value or str(video.with_suffix(".txt"))
     result = predict_lib.predict_video(predictor, params, video, out, crops=_CROPS.value,
                                        **options)
@@ -91,17 +88,5 @@ def run() -> None:
   console.say(f"Wrote {len(results)} file(s) to {_OUT.value}")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    run()
-  except USER_ERRORS as e:
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(1)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
+from mfer_jax import constants, files
 from mfer_jax.data import records
 from mfer_jax.data import store
 
@@ -46,8 +47,8 @@ def _face_pool(rng: np.random.Generator, face_size: int) -> list[list[bytes]]:
   """JPEG variants per class: a class colour, a class block position, and noise."""
   pool = []
   cell = face_size // 3
-  for c in range(store.NUM_CLASSES):
-    hue = np.uint8(c * 180 // store.NUM_CLASSES)
+  for c in range(constants.NUM_CLASSES):
+    hue = np.uint8(c * 180 // constants.NUM_CLASSES)
     base = cv2.cvtColor(np.full((1, 1, 3), (hue, 160, 150), np.uint8), cv2.COLOR_HSV2RGB)[0, 0]
     r, k = _BLOCK_CELLS[c]
     variants = []
@@ -67,9 +68,9 @@ def _face_pool(rng: np.random.Generator, face_size: int) -> list[list[bytes]]:
 def _mel_pool(rng: np.random.Generator, mel_shape: tuple[int, int]) -> list[list[np.ndarray]]:
   """uint8 log-mel variants per class: a class band of loud bins over a quiet floor."""
   n_mels, t = mel_shape
-  band = max(1, n_mels // store.NUM_CLASSES)
+  band = max(1, n_mels // constants.NUM_CLASSES)
   pool = []
-  for c in range(store.NUM_CLASSES):
+  for c in range(constants.NUM_CLASSES):
     variants = []
     for _ in range(_VARIANTS):
       mel = rng.integers(20, 90, mel_shape).astype(np.uint8)
@@ -174,6 +175,6 @@ def make_fake_dataset(
         has_face=np.concatenate(has_faces) if has_faces else np.zeros(0, bool))
     meta["splits"][split] = {
         "videos": names, "num_records": int(label.shape[0]),
-        "class_counts": np.bincount(label[label >= 0], minlength=store.NUM_CLASSES).tolist()}
-  store.atomic_write_json(data_dir / store.METADATA, meta)
+        "class_counts": np.bincount(label[label >= 0], minlength=constants.NUM_CLASSES).tolist()}
+  files.atomic_write_json(data_dir / store.METADATA, meta)
   return data_dir

@@ -31,8 +31,10 @@ import functools
 import cv2
 import numpy as np
 
+from mfer_jax import constants
+
 # Aff-Wild2's cropped_aligned images are 112x112 and show the whole face with some context.
-CROP_SIZE = 112
+CROP_SIZE = constants.FACE_SIZE
 # Extra context around a detector box, per side, as a fraction of the box size. dlib's box
 # runs from the brows to the chin, so 0.25 brings the forehead and the jaw line into the crop.
 DEFAULT_MARGIN = 0.25

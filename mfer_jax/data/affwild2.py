@@ -22,11 +22,12 @@ import re
 
 import numpy as np
 
-from data_prep import media
+from mfer_jax import constants, errors
+from mfer_jax.media import decode
 
 CHALLENGE_DIRS = ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge")
 SPLIT_DIRS = {"train": "Train_Set", "validation": "Validation_Set"}
-HEADER = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
+HEADER = constants.CLASS_NAMES   # the annotation files' first line, split at commas
 CROPS_DIR = "cropped_aligned"
 _SIDE_SUFFIX = re.compile(r"_(left|right)$")
 
@@ -36,15 +37,15 @@ Expected the Aff-Wild2 Expression layout under ROOT:
   ROOT/cropped_aligned/<name>/<NNNNN>.jpg
   ROOT/annotations/EXPR_Recognition_Challenge/{Train_Set,Validation_Set}/<name>.txt
     (or EXPR_Classification_Challenge in older releases)
-  ROOT/test_set/*test*set*.txt (test video names, one a line; or pass --test-list FILE)
+  ROOT/test_set/*test*set*.txt (test video names, one a line; or pass --test_list=FILE)
 A synthetic set in this layout: python -m data_prep.synth --out DIR"""
 
 
-class LayoutError(RuntimeError):
+class LayoutError(errors.UserError, RuntimeError):
   """The root does not look like Aff-Wild2 (fatal); the message explains the layout."""
 
 
-class AnnotationError(ValueError):
+class AnnotationError(errors.UserError, ValueError):
   """An annotation file that cannot be used; the message names the file and line."""
 
 
@@ -139,7 +140,7 @@ class MediaIndex:
 def index_media(root: str | os.PathLike) -> MediaIndex:
   """Lists media under every ``batch*`` folder of ``root`` (recursively)."""
   root = pathlib.Path(root)
-  rank = {ext: i for i, ext in enumerate(media.MEDIA_EXTENSIONS)}
+  rank = {ext: i for i, ext in enumerate(decode.MEDIA_EXTENSIONS)}
   found: dict[str, list[pathlib.Path]] = {}
   for batch in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower()
                       .startswith("batch")):
@@ -178,7 +179,7 @@ def read_test_list(path: str | os.PathLike) -> list[str]:
   for line in pathlib.Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
     name = line.strip().replace("\ufeff", "")
     stem, ext = os.path.splitext(name)
-    if ext.lower() in media.MEDIA_EXTENSIONS:
+    if ext.lower() in decode.MEDIA_EXTENSIONS:
       name = stem
     if name and name not in seen:
       seen.add(name)

@@ -3,11 +3,11 @@
 Frames are decoded once, in order, and only the face crop of each is kept (at the model's
 face size), so a long high-resolution video needs memory for crops, not for frames. The audio
 window of frame i is built by the same functions as in data preparation
-(`data_prep.audio_features`): the whole track is resampled and turned into one log-mel, and
+(`mfer_jax.media.audio_features`): the whole track is resampled and turned into one log-mel, and
 frame i's window is centred at t = (i - 1) / fps.
 
 Faces come from Aff-Wild2's ``cropped_aligned/<name>/`` folder when one is given (exactly
-what training saw), else from the face detector in `data_prep.faces`.
+what training saw), else from the face detector in `mfer_jax.media.faces`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import av
 import cv2
 import numpy as np
 
-from data_prep import affwild2, audio_features, faces, media
+from mfer_jax.data import affwild2
+from mfer_jax.media import audio_features, decode, faces
 from mfer_jax.data import records
 
 # Frames larger than this (longest side) are downscaled for detection only: the detector's
@@ -117,9 +118,9 @@ def _decode_tolerantly(path: str, on_frame) -> tuple[fractions.Fraction, float, 
   Returns:
     (fps, start time of the first frame in seconds, unreadable 1-based frame numbers).
   """
-  with media.open_media(path) as container:
-    stream = media.video_stream(container, path)
-    fps = media.frame_rate(stream, path)
+  with decode.open_media(path) as container:
+    stream = decode.video_stream(container, path)
+    fps = decode.frame_rate(stream, path)
     number, start, unreadable = 0, None, []
 
     def emit(frames):
@@ -143,7 +144,7 @@ def _decode_tolerantly(path: str, on_frame) -> tuple[fractions.Fraction, float, 
     except av.error.FFmpegError:
       pass
   if number == 0:
-    raise media.MediaError(f"{path}: no video frame could be decoded")
+    raise decode.MediaError(f"{path}: no video frame could be decoded")
   return fps, start or 0.0, unreadable
 
 
@@ -160,7 +161,7 @@ def read_video(path: str | os.PathLike, params: audio_features.FeatureParams, fa
     detect_every: see `FaceSource`.
 
   Raises:
-    media.MediaError: if the file cannot be opened or has no decodable video frame.
+    decode.MediaError: if the file cannot be opened or has no decodable video frame.
   """
   path = str(path)
   source = FaceSource(face_size, crops, detect_every)
@@ -184,7 +185,7 @@ def read_video(path: str | os.PathLike, params: audio_features.FeatureParams, fa
     if rate == 0:
       has_audio = False
       notes.append(f"{path}: no audio track; the audio windows are silence")
-  except media.MediaError as e:
+  except decode.MediaError as e:
     has_audio = False
     notes.append(f"{e}; the audio windows are silence")
   windows = audio_features.frame_windows(audio_features.compute_log_mel(audio, params), fps,

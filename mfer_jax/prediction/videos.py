@@ -1,6 +1,6 @@
 """Prediction on videos: one file, or every video of an Aff-Wild2 split (a submission).
 
-``python -m mfer_jax.predict --help`` is the command line; `predict_video` and
+``python -m mfer_jax.tools.predict --help`` is the command line; `predict_video` and
 `predict_split` are the library.
 """
 
@@ -11,10 +11,11 @@ import json
 import os
 import pathlib
 
-from data_prep import affwild2, audio_features
-from mfer_jax import inference
-from mfer_jax.data import store
-from mfer_jax.predict import frames, labels as labels_lib
+from mfer_jax import errors
+from mfer_jax.data import affwild2, store
+from mfer_jax.media import audio_features
+from mfer_jax.prediction import frames, labels as labels_lib
+from mfer_jax.prediction import predictor as predictor_lib
 
 FEATURES_FILE = "features.json"
 
@@ -27,16 +28,16 @@ def feature_params(workdir: str | os.PathLike,
   works without the training data; older workdirs fall back to the dataset's metadata.json.
 
   Raises:
-    inference.WorkdirError: if neither is found.
+    predictor_lib.WorkdirError: if neither is found.
   """
   path = pathlib.Path(workdir) / FEATURES_FILE
   if path.is_file():
     return audio_features.FeatureParams.from_dict(json.loads(path.read_text()))
-  config = config or inference.load_config(workdir)
+  config = config or predictor_lib.load_config(workdir)
   try:
     meta = store.load_metadata(config.data.data_dir)
   except store.DatasetError as e:
-    raise inference.WorkdirError(
+    raise predictor_lib.WorkdirError(
         f"{path} not found and the training data's metadata is unavailable ({e}); the audio "
         "windows must be built with the training features") from e
   return audio_features.FeatureParams.from_dict(meta["features"])
@@ -61,7 +62,7 @@ class VideoResult:
   notes: list[str]
 
 
-def predict_video(predictor: inference.Predictor, params: audio_features.FeatureParams,
+def predict_video(predictor: predictor_lib.Predictor, params: audio_features.FeatureParams,
                   video: str | os.PathLike, out: str | os.PathLike, *,
                   crops: str | os.PathLike | None = None, smooth_window: int = 0,
                   no_face: str = "audio", detect_every: int = 1) -> VideoResult:
@@ -78,7 +79,7 @@ def predict_video(predictor: inference.Predictor, params: audio_features.Feature
     detect_every: run the face detector every k-th frame.
 
   Raises:
-    data_prep.media.MediaError: if the file cannot be opened or no frame decodes.
+    mfer_jax.media.decode.MediaError: if the file cannot be opened or no frame decodes.
   """
   inputs = frames.read_video(video, params, predictor.face_size, crops, detect_every)
   probs, gates = predictor.predict(inputs.face, inputs.mel, inputs.has_face)
@@ -106,7 +107,7 @@ def split_names(root: str | os.PathLike, split: str,
   return [p.stem for p in affwild2.list_annotations(root, split)]
 
 
-def predict_split(predictor: inference.Predictor, params: audio_features.FeatureParams,
+def predict_split(predictor: predictor_lib.Predictor, params: audio_features.FeatureParams,
                   root: str | os.PathLike, split: str, out_dir: str | os.PathLike, *,
                   test_list: str | os.PathLike | None = None, use_crops: bool = True,
                   overwrite: bool = False, on_video=None, **kwargs) -> dict[str, VideoResult]:
@@ -144,8 +145,9 @@ def predict_split(predictor: inference.Predictor, params: audio_features.Feature
     if on_video:
       on_video(name, result)
   if missing:
-    raise FileNotFoundError(f"{len(missing)} video(s) of split {split!r} have no media under "
-                            f"{root}/batch*/ (first: {missing[0]}); their files were not written")
+    raise errors.UserError(f"{len(missing)} video(s) of split {split!r} have no media under "
+                           f"{root}/batch*/ (first: {missing[0]}); their files were not written; "
+                           "check --root")
   return results
 
 

@@ -5,7 +5,7 @@ model sees the same input at training and at prediction time.
 
 Pipeline, per video:
 
-1. `load_audio`: decode the first audio track (`data_prep.media`), average the channels, and
+1. `load_audio`: decode the first audio track (`mfer_jax.media.decode`), average the channels, and
    resample with librosa to ``params.sample_rate``.
 2. `compute_log_mel`: ``librosa.feature.melspectrogram`` (power 2, ``center=True``, so column j
    is centred on ``t = j * hop_length / sample_rate``), then ``power_to_db(ref=max)`` clipped at
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data_prep import media
+from mfer_jax.media import decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +92,9 @@ def load_audio(path: str | os.PathLike, params: FeatureParams,
     (samples, original sample rate); (empty array, 0) when the file has no audio track.
 
   Raises:
-    media.MediaError: if the audio cannot be decoded.
+    decode.MediaError: if the audio cannot be decoded.
   """
-  audio, rate = media.decode_audio(path, video_start_time)
+  audio, rate = decode.decode_audio(path, video_start_time)
   return resample(audio, rate, params), rate
 
 

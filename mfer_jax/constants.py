@@ -1,0 +1,29 @@
+"""Names and defaults shared by every part of mfer-jax: the one place each is written.
+
+This module imports nothing, so configs, data preparation, the model and the tools can all
+use it without pulling in JAX or each other.
+"""
+
+# The ABAW Expression classes, in label-index order (Aff-Wild2 annotation header order).
+CLASS_NAMES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise",
+               "Other")
+NUM_CLASSES = len(CLASS_NAMES)
+# The first line of every Aff-Wild2 annotation file and of every ABAW prediction file.
+ANNOTATION_HEADER = ",".join(CLASS_NAMES)
+
+SPLITS = ("train", "validation", "test")
+
+# Side of Aff-Wild2's cropped_aligned face crops, and of the crops data_prep writes.
+FACE_SIZE = 112
+
+# Fusion variants (mfer_jax.models.fusion), in ablation-table order.
+FUSION_VARIANTS = ("visual_only", "audio_only", "concat", "sum", "gated", "mfm")
+SINGLE_MODALITY_FUSIONS = ("visual_only", "audio_only")
+# Variants whose modality weights are fixed by construction rather than learned.
+FIXED_GATE_FUSIONS = ("visual_only", "audio_only", "concat", "sum")
+
+# Train-set sampling modes (mfer_jax.data.sampling): weighted resampling, or each frame once.
+SAMPLING_MODES = ("dynamic", "natural")
+
+# Compute dtypes a config may name.
+DTYPES = ("float32", "bfloat16")
