@@ -38,12 +38,39 @@ log-mel window (16 kHz, 64 mels to 8 kHz) shows.
 
 **Noise**, so that each modality is well above chance but not perfect: in 15% of segments
 the face shows a random code; 10% of segments are silent and 10% have a random voice code;
-the voice sits in per-video background noise (SNR 10-30 dB) at a per-video loudness; blinks,
-head motion, lighting and pixel noise vary per frame; faces leave the frame now and then
-(those frames have a label but no crop). Labels come in segments of 1-6 s drawn with
+the voice sits in per-video background noise (SNR 10-30 dB) at a per-video loudness; head
+motion, lighting and pixel noise vary per frame; faces leave the frame now and then (those
+frames have a label but no crop). Labels come in segments of 1-6 s drawn with
 Aff-Wild2's class frequencies (Anger, Disgust, Fear about 2% each), with runs of -1; every
 class is given at least 3 segments in train and in validation (fewer only when a tiny
 set has no room).
+
+**Video dynamics** (`_plan_dynamics`, `face_dynamics`), so that there is something to learn
+over time and single frames can mislead, as in real video. None of it changes a label or
+what a class means; it comes from its own random stream (``SeedSequence([seed, video, 2])``),
+so a seed's annotation files are byte for byte those of the generator without it.
+
+- *Onset and offset.* Where the drawn expression changes between segments, it builds up from
+  the calm face over 0.15-0.6 s (smoothstep) at the start of the new segment and fades over
+  as long at the end of the old one, each capped at a quarter of the segment. The frames keep
+  their segment's label, as annotators label an expression from its onset; 12% of the
+  demo set's labelled frames are in a ramp, half of them below half intensity.
+- *Blinks*: about 18 a minute, 0.1-0.3 s each; the lids close and reopen over the frames.
+- *Talking*: while a person's voice is on, their mouth opens with the syllable envelope of
+  that voice (`synth_render.syllable_envelope`), so lips and sound move together; silent
+  segments keep the mouth shut.
+- *Degraded frames*, at documented rates (measured over 45k planned frames and on generated
+  crops by tests/test_synth.py):
+
+  | Degradation | Rate | Form |
+  |---|---|---|
+  | motion blur | `BLUR_RATE` = 4% of frames, each frame independently | a 6-14 px line kernel at a random angle, whole frame |
+  | heavy JPEG | `JPEG_RATE` = 3% of frames, each frame independently | the whole frame through JPEG quality 4-12 |
+  | occlusion | `OCCLUSION_RATE` = 4% of each person's frames | runs of 0.3-1 s: a hand or an object over the mouth or one side of the face |
+
+  About 10.6% of a person's frames are degraded in at least one way. Blur and compression
+  hit the whole frame (both persons); occlusions one person. Crops are cut from the
+  degraded frame, as a face tracker would.
 
 **Two-person videos** show two faces side by side (``_left``, ``_right``), each with its own
 labels and crops. The audio is the *sum* of both voices, so it is ambiguous there, as in the
@@ -54,13 +81,11 @@ video, or the first validation video of a 3-video set) has only ``_right``.
 16000, 44100 and 48000 Hz, mono and stereo (`MEDIA_FORMATS`). One annotation file is 3
 lines longer than its video, one is 2 lines shorter (the real data does this).
 
-**Measured** (seed 0, 16 videos, built by ``data_prep.build``; linear probes on every third
-labelled frame with a face): LDA on 60 principal components of the 112x112 crops predicts the
-face code with balanced accuracy 0.82 on validation, LDA on the 64x100 log-mel window the
-audio code with 0.58 (chance 0.25; train 0.82: 11 voices are few). Combining the two code
-posteriors per class gives validation macro-F1 0.57, against 0.22 from the face alone and 0.20
-from the audio alone. The detector of `mfer_jax.media.faces` finds the face in all sampled frames
-that have a crop (n=2681) and in none of those where the face is out of view (n=118).
+**Measured**: `python -m bench.probe` fits a linear probe (logistic regression on 24x24 grey
+faces and mean mel bands) on the demo set and prints it with chance and the majority class
+(numbers in docs/demo_experiments.md). The detector of `mfer_jax.media.faces` finds the face
+in the frames that have a crop and are not degraded, and in none of those where the face is
+out of view (tests/test_synth.py).
 
 Generation is deterministic for a seed (annotations and crops byte for byte; media too for
 the same PyAV version), parallel over videos, and resumable: each video's outputs are

@@ -8,6 +8,10 @@ with pupils, a shaded nose and a mouth. The *face code* (0..3) changes the featu
     2 sad       downturned mouth, brows raised at the inner ends, wide eyes
     3 tense     brows lowered at the inner ends (a V), narrowed eyes, small tight mouth
 
+A face code is drawn at an *intensity* between the calm face (0) and the full expression (1),
+with the eyes open or partly shut (blinks) and the mouth opened by speech; the geometry is
+interpolated, so onsets and offsets look like expressions building up, not cross-fades.
+
 Voices are vowel-like harmonic sounds. The *audio code* (0..3) sets the pitch and the syllable
 rate, both visible in a 2 s log-mel window:
 
@@ -20,6 +24,9 @@ voices (f0 260-360 Hz) a high one (900-1300 Hz, a bright vowel); slow is 1.2-2.2
 
 Each identity (per person and video) varies the skin tone, face size, hair, pitch (within its
 band) and syllable timing, so neither modality is a lookup table.
+
+Degradations of single frames: `motion_blur`, `jpeg_artifacts` and `draw_occluder` (a hand or
+an object in front of the face); `data_prep.synth` decides which frames get them.
 """
 
 from __future__ import annotations
@@ -92,11 +99,18 @@ class _Expression:
   lip: float               # lip thickness
 
 
+# The mouth corners and middle are where the elliptic arcs of earlier versions put them
+# (smile: an arc from 10 to 170 degrees of a 1.2 x 0.1 ellipse 0.05 h above the mouth line;
+# sad: 195 to 345 degrees of a 1 x 0.08 ellipse 0.06 h below it).
+_SMILE_CORNER = (float(1.2 * np.cos(np.radians(10))), float(-0.05 + 0.1 * np.sin(np.radians(10))))
+_SAD_CORNER = (float(np.cos(np.radians(15))), float(0.06 - 0.08 * np.sin(np.radians(15))))
 _EXPRESSIONS = (
-    _Expression(0.05, 0.10, 0.10, 1.0, 0.0, 0.0, 0.03),        # 0 calm (also the neutral pose)
-    _Expression(0.05, 0.13, 0.13, 1.2, -0.033, 0.083, 0.04),   # 1 smile
-    _Expression(0.065, 0.09, 0.15, 1.0, 0.039, -0.06, 0.04),   # 2 sad
-    _Expression(0.025, 0.12, 0.04, 0.5, 0.0, 0.0, 0.035),      # 3 tense
+    _Expression(0.05, 0.10, 0.10, 1.0, 0.0, 0.0, 0.03),         # 0 calm (also the neutral pose)
+    _Expression(0.05, 0.13, 0.13, _SMILE_CORNER[0], _SMILE_CORNER[1],
+                0.05 - _SMILE_CORNER[1], 0.04),                   # 1 smile
+    _Expression(0.065, 0.09, 0.15, _SAD_CORNER[0], _SAD_CORNER[1],
+                -0.02 - _SAD_CORNER[1], 0.04),                    # 2 sad
+    _Expression(0.025, 0.12, 0.04, 0.5, 0.0, 0.0, 0.035),       # 3 tense
 )
 
 

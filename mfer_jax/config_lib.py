@@ -45,6 +45,10 @@ def base_config() -> ConfigDict:
           "mlp_ratio": 4.0,
           "dropout": 0.1,
           "gate_hidden": 128,     # hidden width of the modality-gate MLP (gated, mfm)
+          "combine": "sum",       # EXPERIMENT gated/mfm: sum | concat of gated pooled features
+          "gate": "softmax",      # EXPERIMENT softmax | sigmoid
+          "gate_bias": 0.0,       # EXPERIMENT initial gate-logit bias
+          "pool": "mean",         # EXPERIMENT mean | attention
       },
   })
   c.data = data_config.default_data_config()
@@ -61,6 +65,10 @@ def base_config() -> ConfigDict:
       "grad_clip_norm": 1.0,      # 0 disables clipping
       "grad_accum_steps": 1,      # microbatches per step (same global batch, less memory)
       "label_smoothing": 0.0,
+      # > 0 keeps an exponential moving average of the params (decay min(ema_decay,
+      # (1 + step) / (10 + step))); evaluation, the best checkpoint and prediction use it.
+      "ema_decay": 0.0,
+      "fusion_blocks_lr_scale": 1.0,  # EXPERIMENT lr multiplier of the fusion's cross-attention
       "class_weights": "none",    # none | inverse | inverse_sqrt (loss weights from counts)
       "log_every_steps": 50,
       "eval_every_steps": -1,     # -1: once per epoch
@@ -68,6 +76,9 @@ def base_config() -> ConfigDict:
       "keep_checkpoints": 3,      # newest N, plus the best by validation macro-F1
       "async_checkpointing": True,
       "eval_split": "validation",
+      # Train frames (evenly spaced, no augmentation) evaluated at every evaluation next to
+      # eval_split, so memorisation shows; 0 = off.
+      "train_eval_examples": 0,
   })
   c.mesh = ConfigDict({
       "shape": (-1, 1, 1),        # over axes; -1 takes the remaining devices

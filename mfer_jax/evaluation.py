@@ -112,4 +112,8 @@ def format_summary(result: dict[str, Any]) -> str:
       v, a = result["gate_mean"][name]
       line += f"   {v:.2f} / {a:.2f}"
     lines.append(line)
+  if "train_subset" in result:
+    t = result["train_subset"]
+    lines.append(f"train subset: macro-F1 {t['macro_f1']:.4f}   accuracy {t['accuracy']:.4f}   "
+                 f"({t['num_examples']} frames, no augmentation)")
   return "\n".join(lines)

@@ -275,3 +275,27 @@ def test_rerunning_a_finished_run_reports_its_final_eval(data_dir, tiny_run):
   result = loop.train_and_evaluate(tiny_config(data_dir), str(tiny_run))
   assert result == evaluation.read_evals(tiny_run)[-1] and result["step"] == 12
   assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
+
+
+def test_ema_params_follow_the_formula_and_are_what_is_evaluated(data_dir):
+  """ema_t = d_t ema_{t-1} + (1 - d_t) params_t with d_t = min(decay, (1 + t) / (10 + t)),
+  starting from the initial params, computed here in numpy from the params of each step."""
+  config = deterministic_config(data_dir)
+  config.train.ema_decay = 0.6   # below (1 + t) / (10 + t) from t = 13: both branches of min
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _, state, _, step, local = _pieces(config, mesh)
+  batch = pipeline.to_global_batch(local, mesh)
+  as_numpy = lambda tree: [np.asarray(x, np.float64) for x in
+                           jax.tree.leaves(jax.device_get(nnx.to_pure_dict(tree)))]
+  expected = as_numpy(state.params)
+  for a, b in zip(as_numpy(state.ema_params), expected, strict=True):
+    np.testing.assert_array_equal(a, b)
+  for t in range(15):
+    state, _ = step(state, batch)
+    d = min(0.6, (1 + t) / (10 + t))
+    expected = [d * e + (1 - d) * p for e, p in zip(expected, as_numpy(state.params))]
+  ema = as_numpy(state.ema_params)
+  for a, b in zip(ema, expected, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert any(not np.allclose(a, p) for a, p in zip(ema, as_numpy(state.params)))
+  assert state_lib.eval_params(state) is state.ema_params

@@ -276,7 +276,7 @@ class EvalPipeline:
 
   def __init__(self, cfg: ml_collections.ConfigDict, reader: reader_lib.SplitReader,
                index: store.SplitIndex, *, include_unlabelled: bool | None,
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, max_examples: int = 0):
     self._cfg = cfg
     self.global_batch_size = int(cfg.eval_batch_size)
     self.process_index, self.process_count, self.local_batch_size = _process_layout(
@@ -285,6 +285,10 @@ class EvalPipeline:
     if include_unlabelled is None:
       include_unlabelled = not labelled.any()   # the test split: predictions for every frame
     record_ids = np.arange(len(index)) if include_unlabelled else np.flatnonzero(labelled)
+    if 0 < max_examples < record_ids.size:
+      # Evenly spaced over the split, so every video contributes (a subset, e.g. of train).
+      record_ids = record_ids[np.linspace(0, record_ids.size - 1, max_examples).round()
+                              .astype(np.int64)]
     if record_ids.size == 0:
       raise ValueError(f"split {index.split!r} has no record to evaluate")
     self.num_examples = int(record_ids.size)
@@ -326,7 +330,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, index: store.SplitIndex,
 def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: store.SplitIndex, *,
                        include_unlabelled: bool | None = None,
                        process_index: int | None = None,
-                       process_count: int | None = None) -> EvalPipeline:
+                       process_count: int | None = None,
+                       max_examples: int = 0) -> EvalPipeline:
   """The eval pipeline of this process over one split (no resampling, no augmentation).
 
   Args:
@@ -335,10 +340,13 @@ def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: store.SplitIndex, 
     include_unlabelled: also emit label -1 records; default: only if the split has no
       labelled record at all (the test split).
     process_index, process_count: as in `make_train_iterator`.
+    max_examples: > 0 evaluates only that many of the selected records, evenly spaced over
+      the split (e.g. a train subset that shows memorisation at a fraction of the cost).
   """
   reader = reader_lib.SplitReader(index, cfg.face_size)
   return EvalPipeline(cfg, reader, index, include_unlabelled=include_unlabelled,
-                      process_index=process_index, process_count=process_count)
+                      process_index=process_index, process_count=process_count,
+                      max_examples=max_examples)
 
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh,

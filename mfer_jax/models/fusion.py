@@ -59,17 +59,28 @@ class Fusion(nnx.Module):
           for _ in range(cfg.num_layers)])
     self.norm_v = L.layer_norm(d, rngs=rngs) if visual_dim else None
     self.norm_a = L.layer_norm(d, rngs=rngs) if audio_dim else None
+    self.combine = cfg.get("combine", "sum") if self.name in ("gated", "mfm") else None
+    self.gate_kind = cfg.get("gate", "softmax")
+    self.pool = cfg.get("pool", "mean")
+    if self.pool == "attention":
+      init = nnx.with_partitioning(nnx.initializers.truncated_normal(0.02), (None, "embed"))
+      self.pool_query = nnx.Param(init(rngs.params(), (2, d), param_dtype))
     if self.name in ("gated", "mfm"):
       self.gate_fc1 = L.dense(2 * d, cfg.gate_hidden, ("embed", "mlp"), **kw)
       self.gate_fc2 = L.dense(cfg.gate_hidden, 2, ("mlp", None), **kw)
-    head_in = 2 * d if self.name == "concat" else d
+      bias = float(cfg.get("gate_bias", 0.0))
+      if bias:
+        self.gate_fc2.bias[...] = jnp.full((2,), bias, param_dtype)
+    head_in = 2 * d if self.name == "concat" or self.combine == "concat" else d
     self.head = L.dense(head_in, num_classes, ("embed", "classes"), **kw)
 
   def _gates(self, pv, pa, avail):
     """Softmax over per-modality gate logits; unavailable modalities get weight 0."""
-    if self.name in ("gated", "mfm"):
+    if self.name in ("gated", "mfm") and self.gate_kind != "none":
       h = jax.nn.gelu(self.gate_fc1(jnp.concatenate([pv, pa], -1)), approximate=False)
       logits = self.gate_fc2(h).astype(jnp.float32)
+      if self.gate_kind == "sigmoid":
+        return jax.nn.sigmoid(logits) * avail
     elif self.name in ("visual_only", "audio_only"):
       # A single-modality model trusts its one modality by construction, face or no face.
       one = jnp.asarray([1.0, 0.0] if self.name == "visual_only" else [0.0, 1.0])
@@ -80,6 +91,14 @@ class Fusion(nnx.Module):
     none = ~avail.any(-1, keepdims=True)
     logits = jnp.where(avail | none, logits, -1e9)
     return jax.nn.softmax(logits, axis=-1)
+
+  def _pool(self, x, modality: int):
+    if self.pool == "mean":
+      return x.mean(axis=1)
+    q = self.pool_query[...][modality].astype(x.dtype)
+    w = jax.nn.softmax(jnp.einsum("bnd,d->bn", x, q, preferred_element_type=jnp.float32)
+                       * x.shape[-1] ** -0.5, axis=-1).astype(x.dtype)
+    return jnp.einsum("bn,bnd->bd", w, x)
 
   def __call__(self, v_tokens: jax.Array | None, a_tokens: jax.Array | None,
                avail: jax.Array, *, rngs: nnx.Rngs | None = None):
@@ -106,8 +125,8 @@ class Fusion(nnx.Module):
         v = sharding.constrain(v, ("batch", None, "embed"))
         a = sharding.constrain(a, ("batch", None, "embed"))
         v, a = block(v, a, rngs=rngs)
-    pv = self.norm_v(v.mean(axis=1)).astype(v.dtype) if v is not None else None
-    pa = self.norm_a(a.mean(axis=1)).astype(a.dtype) if a is not None else None
+    pv = self.norm_v(self._pool(v, 0)).astype(v.dtype) if v is not None else None
+    pa = self.norm_a(self._pool(a, 1)).astype(a.dtype) if a is not None else None
     if pv is None:
       pv = jnp.zeros_like(pa)
     if pa is None:
@@ -118,6 +137,10 @@ class Fusion(nnx.Module):
     gates = self._gates(pv, pa, avail)
     if self.name == "concat":
       fused = jnp.concatenate([pv, pa], axis=-1)
+    elif self.combine == "concat":
+      # Each modality keeps its own head weights; the gates scale them (x2: equal gates = 1).
+      fused = jnp.concatenate([2 * gates[:, :1].astype(pv.dtype) * pv,
+                               2 * gates[:, 1:].astype(pa.dtype) * pa], axis=-1)
     elif self.name == "sum":
       fused = pv + pa
     else:

@@ -76,7 +76,8 @@ class Predictor:
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     spec = state_lib.ModelSpec(self.config.model)
     tx, _ = optimizer.make_optimizer(self.config.train, 1)
-    shardings = state_lib.state_shardings(spec, tx, mesh, self.config.mesh.rules)
+    shardings = state_lib.state_shardings(spec, tx, mesh, self.config.mesh.rules,
+                                          ema=float(self.config.train.get("ema_decay", 0)) > 0)
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)
     try:
       step = ckpt.best_step() if which == "best" else None
@@ -87,7 +88,7 @@ class Predictor:
     finally:
       ckpt.close()
     self.step = int(step)
-    self._params = state.params
+    self._params = state_lib.eval_params(state)
     rules = self.config.mesh.rules
 
     def forward(params, face, mel, has_face):

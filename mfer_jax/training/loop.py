@@ -45,6 +45,7 @@ class Run:
   train_iter: pipeline.TrainIterator
   eval_index: store.SplitIndex
   checkpointer: checkpointing.Checkpointer
+  train_index: store.SplitIndex | None = None
 
 
 def class_loss_weights(cfg: ConfigDict, label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -95,13 +96,16 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   else:
     state = init_files.apply_init_files(config, spec, state)
   return Run(config, workdir, mesh, spec, tx, schedule, state, state_sh, total_steps,
-             steps_per_epoch, train_iter, eval_index, checkpointer)
+             steps_per_epoch, train_iter, eval_index, checkpointer, train_index)
 
 
-def evaluate(run: Run, params: Any, index: store.SplitIndex | None = None) -> dict[str, Any]:
-  """macro-F1, per-class F1, accuracy, confusion and mean gates per class on one split."""
+def evaluate(run: Run, params: Any, index: store.SplitIndex | None = None,
+             max_examples: int = 0) -> dict[str, Any]:
+  """macro-F1, per-class F1, accuracy, confusion and mean gates per class on one split
+  (``max_examples`` > 0: on that many of its frames, evenly spaced)."""
   index = index or run.eval_index
-  eval_pipe = pipeline.make_eval_pipeline(run.config.data, index, include_unlabelled=False)
+  eval_pipe = pipeline.make_eval_pipeline(run.config.data, index, include_unlabelled=False,
+                                          max_examples=max_examples)
   eval_step = None
   acc = step_lib.empty_eval_accumulator(run.config.model.num_classes, run.mesh)
   for local in eval_pipe:
@@ -113,6 +117,17 @@ def evaluate(run: Run, params: Any, index: store.SplitIndex | None = None) -> di
     acc = eval_step(params, acc, batch)
   acc = jax.device_get(acc)
   return evaluation.summarize(acc["confusion"], acc["gate_sum"])
+
+
+def evaluate_with_train_subset(run: Run, params: Any) -> dict[str, Any]:
+  """The eval split's evaluation, plus ``train_subset`` (macro-F1, accuracy, frames) on
+  ``train.train_eval_examples`` train frames when that is > 0: the gap shows memorisation."""
+  result = evaluate(run, params)
+  n = int(run.config.train.train_eval_examples)
+  if n > 0:
+    on_train = evaluate(run, params, run.train_index, max_examples=n)
+    result["train_subset"] = {k: on_train[k] for k in ("macro_f1", "accuracy", "num_examples")}
+  return result
 
 
 def _check_finite(state: state_lib.TrainState, run: Run) -> None:
@@ -153,7 +168,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
     finished = [e for e in evaluation.read_evals(run.workdir) if e["step"] == start]
     console.say(f"{run.workdir} already finished its {run.total_steps} steps; "
                 + ("its final evaluation:" if finished else "evaluating its final state."))
-    return finished[-1] if finished else evaluate(run, run.state.params)
+    return finished[-1] if finished else evaluate_with_train_subset(
+        run, state_lib.eval_params(run.state))
   eval_every = cfg.eval_every_steps if cfg.eval_every_steps > 0 else run.steps_per_epoch
   label = np.asarray(store.load_split(config.data.data_dir, "train").label)
   weights = class_loss_weights(cfg, label, config.model.num_classes)
@@ -191,12 +207,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | Non
       eval_metrics = None
       if done % eval_every == 0 or last:
         _check_finite(state, run)
-        last_eval = evaluate(run, state.params)
+        last_eval = evaluate_with_train_subset(run, state_lib.eval_params(state))
         if jax.process_index() == 0:
           evaluation.write_eval(run.workdir, done, last_eval)
         writer.scalars(done, {"macro_f1": last_eval["macro_f1"],
                               "accuracy": last_eval["accuracy"]}, "eval")
-        console.say(f"step {done}: validation macro-F1 {last_eval['macro_f1']:.4f}")
+        on_train = last_eval.get("train_subset")
+        console.say(f"step {done}: {cfg.eval_split} macro-F1 {last_eval['macro_f1']:.4f}"
+                    + (f" (train subset {on_train['macro_f1']:.4f})" if on_train else ""))
         eval_metrics = {"macro_f1": last_eval["macro_f1"]}
         if config.data.sampling.adaptive_beta > 0:
           run.train_iter.set_class_f1(list(last_eval["per_class_f1"].values()))
@@ -229,7 +247,7 @@ def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> d
   step = step if step is not None else run.checkpointer.latest_step()
   state = run.checkpointer.restore_state_only(
       step, state_lib.abstract_state(run.state_sh, run.spec, run.tx))
-  result = evaluate(run, state.params)
+  result = evaluate(run, state_lib.eval_params(state))
   if jax.process_index() == 0:
     evaluation.write_eval(run.workdir, step, result)
   run.checkpointer.close()
