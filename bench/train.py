@@ -21,10 +21,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mfer_jax import sharding
+from mfer_jax import cli, sharding
 from mfer_jax.data import pipeline, store
 from mfer_jax.training import optimizer, state as state_lib, step as step_lib
 from mfer_jax.testing import fake_data
@@ -39,8 +39,7 @@ def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main(argv):
-  del argv
+def main() -> None:
   config = _CONFIG.value
   if _BATCH.value:
     config.data.batch_size = _BATCH.value
@@ -74,7 +73,7 @@ def main(argv):
   n = config.data.batch_size
   print(f"model: image {config.model.image.variant} {tuple(config.model.image.img_size)}, "
         f"audio {config.model.audio.variant} {tuple(config.model.audio.img_size)}, "
-        f"fusion {config.model.fusion.name}, dtype {config.model.dtype}; batch {n} on "
+        f"fusion {config.model.fusion.name}, precision {spec.precision}; batch {n} on "
         f"{jax.device_count()} {jax.default_backend()} device(s)")
   print(f"first call (compile + 1 step): {compile_s:.1f} s")
   print(f"step: median {med * 1000:.0f} ms over {_ROUNDS.value} rounds of {_STEPS.value} "
@@ -83,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

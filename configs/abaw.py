@@ -3,6 +3,8 @@
 Usage:
   python main.py --config=configs/abaw.py --workdir=runs/abaw \
       --config.data.data_dir=/data/affwild2_prepared
+  python main.py --config=configs/abaw.py --workdir=runs/abaw \
+      --config.data.source=tfds --config.data.tfds_data_dir=/data/tfds   # the TFDS build
 
 Named variants go through the config argument (comma-separated key=value):
   configs/abaw.py:fusion=audio_only,sampling=natural

@@ -2,12 +2,15 @@
 
     python -m data_prep.synth --out=data/synth --num_videos=16 --seed=0 --workers=2
 
-Layout (DESIGN.md §2)::
+Layout (the real one is described in data_prep/README.md, "The layout read")::
 
     DIR/batch1/<video>.mp4|.avi, DIR/batch2/...         media, split over two batch folders
-    DIR/cropped_aligned/<name>/<NNNNN>.jpg              112x112 face crops, NNNNN = 1-based
-                                                        frame = annotation line; no file when
-                                                        the face is not in the frame
+    DIR/cropped_aligned/<name>/<NNNNN>.jpg              112x112 aligned face crops (the drawn
+                                                        face's five landmarks on the ArcFace
+                                                        template, `mfer_jax.media.align`),
+                                                        NNNNN = 1-based frame = annotation
+                                                        line; no file when the face is not in
+                                                        the frame
     DIR/annotations/EXPR_Recognition_Challenge/{Train_Set,Validation_Set}/<name>.txt
     DIR/test_set/EXPR_Recognition_Challenge_test_set_release.txt    test names, one per line
 
@@ -101,7 +104,6 @@ import multiprocessing
 import os
 import pathlib
 import shutil
-import sys
 import time
 
 import cv2
@@ -112,13 +114,13 @@ from absl import flags
 from data_prep import media_write
 from data_prep import synth_render
 from mfer_jax import cli, constants, errors
-from mfer_jax.media import faces
+from mfer_jax.media import align, faces
 
 CLASS_NAMES = constants.CLASS_NAMES
 HEADER = constants.ANNOTATION_HEADER
 FACE_CODE = (0, 3, 3, 2, 1, 2, 1, 0)
 AUDIO_CODE = (0, 3, 2, 3, 0, 1, 2, 1)
-# Aff-Wild2's valid frames per class, in thousands (DESIGN.md §2).
+# Aff-Wild2's valid frames per class, in thousands (docs/data.md#aff-wild2-in-numbers).
 CLASS_FREQ = np.array([262.6, 23.3, 16.3, 17.6, 129.3, 106.3, 43.0, 278.1]) / 876.5
 ANNOTATION_DIR = pathlib.Path("annotations", "EXPR_Recognition_Challenge")
 SPLIT_DIRS = {"train": "Train_Set", "validation": "Validation_Set"}
@@ -158,7 +160,7 @@ OCCLUSION_RATE = 0.04          # fraction of each person's frames with a hand or
 _OCCLUSION_SECONDS = (0.3, 1.0)
 _BLUR_PIXELS = (6.0, 14.0)     # motion-blur length at the 192-pixel frame height
 _JPEG_QUALITY = (4, 12)
-SYNTH_VERSION = 2              # in each video's marker: a set made by older code is redone
+SYNTH_VERSION = 3              # in each video's marker: a set made by older code is redone
 
 
 @dataclasses.dataclass
@@ -502,13 +504,14 @@ def _frames(plan: VideoPlan, rng: np.random.Generator, crops: dict[str, pathlib.
     frame = cv2.subtract(cv2.add(frame, noise[i % 4]), noise[(i + 1) % 4])
     if i in plan.jpeg:
       frame = synth_render.jpeg_artifacts(frame, plan.jpeg[i])
-    for person, ident, *_, visible, cx, cy in people:
+    for person, ident, codes, intensity, *_, visible, cx, cy in people:
       if person.name in crops and visible[i]:
-        box = faces.Box(*synth_render.face_box((cx[i], cy[i]), ident))
-        crop = cv2.cvtColor(faces.crop_face(frame, box, CROP_SIZE), cv2.COLOR_RGB2BGR)
-        ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        assert ok
-        (crops[person.name] / f"{i + 1:05d}.jpg").write_bytes(jpeg.tobytes())
+        # Aligned like Aff-Wild2's crops and like data_prep --detect and prediction make them,
+        # from the drawn face's true landmarks (the mouth corners move with the expression).
+        landmarks = synth_render.face_landmarks((cx[i], cy[i]), ident, int(codes[i]),
+                                                intensity[i])
+        crop = align.align_face(frame, landmarks, CROP_SIZE)
+        (crops[person.name] / f"{i + 1:05d}.jpg").write_bytes(faces.encode_crop(crop))
     yield frame
 
 
@@ -521,8 +524,9 @@ def _marker(out: pathlib.Path, plan: VideoPlan) -> pathlib.Path:
 
 
 def _video_info(plan: VideoPlan) -> dict:
-  return {"version": SYNTH_VERSION, "split": plan.split, "media": plan.media.as_posix(),
-          "fps": str(plan.fps), "sample_rate": plan.sample_rate, "channels": plan.channels,
+  return {"version": SYNTH_VERSION, "split": plan.split, "crops": faces.CROP_STYLE,
+          "media": plan.media.as_posix(), "fps": str(plan.fps),
+          "sample_rate": plan.sample_rate, "channels": plan.channels,
           "num_frames": plan.num_frames, "annotation_delta": plan.annotation_delta,
           "names": [p.name for p in plan.persons if p.annotated]}
 

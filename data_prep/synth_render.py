@@ -27,6 +27,11 @@ band) and syllable timing, so neither modality is a lookup table.
 
 Degradations of single frames: `motion_blur`, `jpeg_artifacts` and `draw_occluder` (a hand or
 an object in front of the face); `data_prep.synth` decides which frames get them.
+
+`face_landmarks` gives the five points a face aligner uses (eye centres, nose tip, mouth
+corners) of a drawn face, and `draw_posed_face` draws the same face turned in 3D (yaw, pitch,
+roll) and returns where those points land: the ground truth for the detector's recall and
+landmark tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -201,6 +206,106 @@ def _draw_mouth(img, cx, my, h, half_width, ex_: _Expression, mouth_open: float)
     cv2.fillPoly(img, [to_int(cavity)], (45, 12, 18), cv2.LINE_AA, shift=4)
     cv2.polylines(img, [to_int(lower)], False, lips, thick, cv2.LINE_AA, shift=4)
   cv2.polylines(img, [to_int(upper)], False, lips, thick, cv2.LINE_AA, shift=4)
+
+
+def face_landmarks(center: tuple[float, float], ident: FaceIdentity, face_code: int,
+                   intensity: float = 1.0) -> np.ndarray:
+  """The five landmarks of a face drawn by `draw_face`, in pixels.
+
+  Order (that of `mfer_jax.media.align`): the eye on the image's left, the eye on the image's
+  right, the nose tip (the nostrils' level), the mouth corner on the image's left, the one on
+  the right. Eyes are the pupil centres; mouth corners are the ends of the lips, which move
+  with the expression's ``intensity`` as in `draw_face` (and not with the mouth opening).
+
+  Returns:
+    float64 [5, 2] (x, y).
+  """
+  cx, cy = center
+  h = ident.size
+  w = h * ident.aspect
+  ex_ = _expression(face_code, float(np.clip(intensity, 0.0, 1.0)))
+  eye_y, eye_dx = cy - 0.1 * h, 0.5 * ident.eye_gap * w
+  dx, my = ex_.mouth_width * 0.22 * w, cy + 0.26 * h + ex_.mouth_corner * h
+  return np.array([(cx - eye_dx, eye_y), (cx + eye_dx, eye_y), (cx, cy + 0.11 * h),
+                   (cx - dx, my), (cx + dx, my)])
+
+
+def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
+  """Head rotation (degrees): yaw about the vertical axis (positive turns the face towards the
+  image's right), then pitch about the horizontal axis, then roll in the image plane."""
+  y, p, r = np.radians([yaw, pitch, roll])
+  ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+  rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
+  rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
+  return rz @ rx @ ry
+
+
+def draw_posed_face(img: np.ndarray, center: tuple[float, float], ident: FaceIdentity,
+                    face_code: int, yaw: float = 0.0, pitch: float = 0.0, roll: float = 0.0,
+                    blink: bool = False) -> np.ndarray:
+  """Draws the `draw_face` face turned in 3D into ``img`` (in place); returns its landmarks.
+
+  The flat face is painted onto the front of an ellipsoid head (half-axes 0.6 w, 0.64 h and a
+  depth of 0.6 w, for a face of width w and height h), which is rotated and projected
+  orthographically: features on the far side are foreshortened and the near cheek widens, as
+  on a turned head; the back of the head shows hair. With no rotation the result is
+  `draw_face`'s drawing (resampled at the sub-pixel centre).
+
+  Args:
+    img: uint8 RGB canvas [H, W, 3].
+    center: the head centre (x, y) in pixels; the rotation is about it.
+    ident, face_code, blink: as in `draw_face`.
+    yaw, pitch, roll: degrees (see `_rotation`); |yaw| up to about 70 keeps the face visible.
+
+  Returns:
+    float64 [5, 2]: `face_landmarks` of the face, carried through the same rotation.
+  """
+  h = ident.size
+  w = h * ident.aspect
+  ax, ay, az = 0.6 * w, 0.64 * h, 0.6 * w
+  rot = _rotation(yaw, pitch, roll)
+  # Landmarks lie on the ellipsoid's front surface; rotate and project them like the pixels.
+  flat = face_landmarks((0.0, 0.0), ident, face_code)
+  depth = az * np.sqrt(np.clip(1.0 - (flat[:, 0] / ax) ** 2 - (flat[:, 1] / ay) ** 2, 0.0, None))
+  landmarks = (np.column_stack([flat, depth]) @ rot.T)[:, :2] + np.asarray(center)
+  # The flat face, drawn twice (on black and on white) so its coverage (alpha) is exact, even
+  # at antialiased edges: alpha = 1 - (white - black) / 255.
+  side = int(np.ceil(2.2 * max(ax, ay))) | 1
+  mid = side / 2.0 - 0.5
+  on_black, on_white = np.zeros((side, side, 3), np.uint8), np.full((side, side, 3), 255, np.uint8)
+  for canvas in (on_black, on_white):
+    draw_face(canvas, (mid, mid), ident, face_code, blink)
+  alpha = 1.0 - (on_white.astype(np.float32) - on_black).mean(-1) / 255.0
+  colour = on_black.astype(np.float32) / np.maximum(alpha, 1e-3)[..., None]
+  texture = np.dstack([np.clip(colour, 0, 255), 255.0 * alpha]).astype(np.float32)
+  height, width = img.shape[:2]
+  reach = int(np.ceil(max(ax, ay, az))) + 2
+  x0, x1 = max(0, int(center[0]) - reach), min(width, int(center[0]) + reach + 1)
+  y0, y1 = max(0, int(center[1]) - reach), min(height, int(center[1]) + reach + 1)
+  if x0 >= x1 or y0 >= y1:
+    return landmarks
+  xs, ys = np.meshgrid(np.arange(x0, x1) - center[0], np.arange(y0, y1) - center[1])
+  # A viewing ray per pixel, towards -z, in head coordinates (row vectors: v @ rot = rot^T v).
+  origin = np.stack([xs, ys, np.full_like(xs, 4.0 * reach)], -1) @ rot
+  direction = np.array([0.0, 0.0, -1.0]) @ rot
+  inv = np.array([ax, ay, az]) ** -2.0
+  qa = (direction * direction * inv).sum()
+  qb = 2.0 * (origin * direction * inv).sum(-1)
+  qc = (origin * origin * inv).sum(-1) - 1.0
+  disc = qb * qb - 4.0 * qa * qc
+  hit = disc > 0
+  t = (-qb - np.sqrt(np.maximum(disc, 0.0))) / (2.0 * qa)   # the nearer intersection
+  surface = origin + t[..., None] * direction
+  front = hit & (surface[..., 2] > 0)
+  sampled = cv2.remap(texture, (surface[..., 0] + mid).astype(np.float32),
+                      (surface[..., 1] + mid).astype(np.float32), cv2.INTER_LINEAR,
+                      borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+  cover = np.where(front, sampled[..., 3] / 255.0, 0.0)[..., None]
+  region = img[y0:y1, x0:x1].astype(np.float32)
+  out = region * (1.0 - cover) + sampled[..., :3] * cover
+  out[hit & ~front] = ident.hair
+  img[y0:y1, x0:x1] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+  return landmarks
 
 
 def random_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

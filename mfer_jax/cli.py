@@ -7,6 +7,8 @@ one line and a documented exit code (`mfer_jax.errors`), never a traceback:
   mean" hint) -> ``error: ...`` and exit 2;
 * a `errors.UserError` raised by the command -> ``error: <its message>`` and its exit code
   (1 for data and run errors, 2 for usage errors);
+* `errors.Preempted` (a run stopped by SIGTERM/SIGINT after saving) -> ``preempted: ...``
+  and exit 143;
 * Ctrl-C outside a handler of the command's own -> exit 130.
 
 Anything else is a bug of ours and keeps its traceback. ``--help`` prints the usage and
@@ -26,9 +28,9 @@ from mfer_jax import errors
 _HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
-def fail(message: str, code: int = errors.EXIT_ERROR) -> NoReturn:
-  """Prints ``error: <message>`` as one line to stderr and exits with ``code``."""
-  sys.stderr.write(f"error: {errors.one_line(message)}\n")
+def fail(message: str, code: int = errors.EXIT_ERROR, prefix: str = "error") -> NoReturn:
+  """Prints ``<prefix>: <message>`` as one line to stderr and exits with ``code``."""
+  sys.stderr.write(f"{prefix}: {errors.one_line(message)}\n")
   sys.stderr.flush()
   sys.exit(code)
 
@@ -134,6 +136,8 @@ def run(main: Callable[[], Any], argv: Sequence[str] | None = None) -> NoReturn:
       logging.set_verbosity(logging.WARNING)
     try:
       return main()
+    except errors.Preempted as e:
+      fail(str(e), e.exit_code, prefix="preempted")
     except errors.UserError as e:
       fail(str(e), e.exit_code)
     except app.UsageError as e:

@@ -21,10 +21,28 @@ def _encoder(in_chans: int) -> ConfigDict:
       "variant": "tiny",          # tiny | small | base | large | test sizes (models/swin.py)
       "img_size": (224, 224),     # encoder input (H, W); faces / mels are resized on device
       "window_size": 7,
-      "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = summed RGB kernel
+      "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = one grey channel
+                                  # (3-channel init files are folded in exactly)
       "drop_path_rate": 0.1,
       "init_file": "",            # params from `python -m mfer_jax.tools.convert` ('' = scratch)
   })
+
+
+def evaluator(split: str, every_steps: int = -1, max_examples: int = 0,
+              metrics: tuple[str, ...] = ("macro_f1", "accuracy")) -> ConfigDict:
+  """One ``config.evals`` entry.
+
+  Args:
+    split: the prepared split to evaluate (its frames with a label; -1 frames never count).
+    every_steps: evaluate every N train steps; -1: once per epoch. The last step is always
+      evaluated.
+    max_examples: 0 evaluates every labelled frame; N > 0 an evenly spaced subset of N (a
+      fixed subset, so evaluations of one run are comparable).
+    metrics: which numbers of the evaluation (macro_f1, accuracy) go to TensorBoard and the
+      console; the eval JSON always holds them all (per-class F1, confusion, gates).
+  """
+  return ConfigDict({"split": split, "every_steps": every_steps,
+                     "max_examples": max_examples, "metrics": tuple(metrics)})
 
 
 def base_config() -> ConfigDict:
@@ -33,7 +51,14 @@ def base_config() -> ConfigDict:
   c.seed = 0
   c.model = ConfigDict({
       "num_classes": 8,
-      "dtype": "float32",         # compute dtype: float32 | bfloat16 (params stay float32)
+      # The precision policy of every layer (mfer_jax/models/layers.py, docs/scaling.md).
+      "precision": {
+          "compute_dtype": "float32",  # matmul operands: float32 | bfloat16 (f32 accumulate)
+          "param_dtype": "float32",    # param storage: float32 | bfloat16
+          "matmul": "auto",            # xla | cpu_amx | auto (cpu_amx on the CPU backend)
+      },
+      # jax.checkpoint per Swin and fusion block: none | block | dots_saveable.
+      "remat": "none",
       "modality_dropout": 0.1,    # chance of blanking one modality of a training example
       "image": _encoder(3),
       "audio": _encoder(3),
@@ -46,9 +71,7 @@ def base_config() -> ConfigDict:
           "dropout": 0.1,
           "gate_hidden": 128,     # hidden width of the modality-gate MLP (gated, mfm)
           "combine": "sum",       # EXPERIMENT gated/mfm: sum | concat of gated pooled features
-          "gate": "softmax",      # EXPERIMENT softmax | sigmoid
-          "gate_bias": 0.0,       # EXPERIMENT initial gate-logit bias
-          "pool": "mean",         # EXPERIMENT mean | attention
+          "gate": "softmax",      # EXPERIMENT softmax (learned) | none (fixed equal weights)
       },
   })
   c.data = data_config.default_data_config()
@@ -62,6 +85,7 @@ def base_config() -> ConfigDict:
       "weight_decay": 0.05,
       "b1": 0.9,
       "b2": 0.999,
+      "mu_dtype": "float32",      # Adam first moments: float32 | bfloat16 (optax mu_dtype)
       "grad_clip_norm": 1.0,      # 0 disables clipping
       "grad_accum_steps": 1,      # microbatches per step (same global batch, less memory)
       "label_smoothing": 0.0,
@@ -71,19 +95,27 @@ def base_config() -> ConfigDict:
       "fusion_blocks_lr_scale": 1.0,  # EXPERIMENT lr multiplier of the fusion's cross-attention
       "class_weights": "none",    # none | inverse | inverse_sqrt (loss weights from counts)
       "log_every_steps": 50,
-      "eval_every_steps": -1,     # -1: once per epoch
+      # "A:B" writes a jax.profiler trace of steps A..B-1 to <workdir>/profile; "" = off.
+      "profile_steps": "",
       "checkpoint_every_steps": 500,
-      "keep_checkpoints": 3,      # newest N, plus the best by validation macro-F1
+      "keep_checkpoints": 3,      # newest N, plus the best by the primary eval's macro-F1
       "async_checkpointing": True,
-      "eval_split": "validation",
-      # Train frames (evenly spaced, no augmentation) evaluated at every evaluation next to
-      # eval_split, so memorisation shows; 0 = off.
-      "train_eval_examples": 0,
+      # The `evals` entry whose macro-F1 picks the best checkpoint, feeds
+      # data.sampling.adaptive_beta, is printed as the run's result and goes to eval/<step>.json
+      # (other entries write eval/<name>/<step>.json); --mode=eval runs only this one.
+      "primary_eval": "validation",
   })
+  # Evaluators, built once per run (mfer_jax/training/evaluator.py), as big_vision's
+  # config.evals. Add more in a config file, e.g. train-subset F1 to watch memorisation:
+  #   c.evals.train_subset = config_lib.evaluator("train", max_examples=2048)
+  c.evals = ConfigDict({"validation": evaluator("validation")})
   c.mesh = ConfigDict({
       "shape": (-1, 1, 1),        # over axes; -1 takes the remaining devices
       "axes": sharding.MESH_AXES,
       "rules": sharding.DEFAULT_RULES,
+      # Largest share of param bytes allowed to stay replicated on every device (a mesh axis
+      # that does not divide a width leaves it replicated); -1 = 0.1 when fsdp > 1, else off.
+      "max_replicated_fraction": -1.0,
   })
   return c
 
@@ -113,7 +145,7 @@ def _seed(c: ConfigDict, value: str) -> None:
 def _dtype(c: ConfigDict, value: str) -> None:
   if value not in DTYPES:
     raise ValueError(f"dtype={value!r}: choose one of {DTYPES}")
-  c.model.dtype = value
+  c.model.precision.compute_dtype = value
 
 
 VARIANT_KEYS: dict[str, Callable[[ConfigDict, str], None]] = {

@@ -13,13 +13,20 @@ ANNOTATION_HEADER = ",".join(CLASS_NAMES)
 
 SPLITS = ("train", "validation", "test")
 
+# Where training reads records from (mfer_jax.data.sources): data_prep.build's prepared
+# directory, or a TFDS-built dataset (data_prep/tfds_affwild2.py, registered under TFDS_NAME).
+DATA_SOURCES = ("prepared", "tfds")
+TFDS_NAME = "aff_wild2_expr"
+
 # Side of Aff-Wild2's cropped_aligned face crops, and of the crops data_prep writes.
 FACE_SIZE = 112
 
 # Fusion variants (mfer_jax.models.fusion), in ablation-table order.
 FUSION_VARIANTS = ("visual_only", "audio_only", "concat", "sum", "gated", "mfm")
 SINGLE_MODALITY_FUSIONS = ("visual_only", "audio_only")
-# Variants whose modality weights are fixed by construction rather than learned.
+# Variants whose reported modality gates are fixed by construction rather than learned:
+# the single-modality ones (1 for their modality), sum (equal weights it really applies) and
+# concat (no mixing weights; it reports the same availability split as sum).
 FIXED_GATE_FUSIONS = ("visual_only", "audio_only", "concat", "sum")
 
 # Train-set sampling modes (mfer_jax.data.sampling): weighted resampling, or each frame once.
@@ -27,3 +34,7 @@ SAMPLING_MODES = ("dynamic", "natural")
 
 # Compute dtypes a config may name.
 DTYPES = ("float32", "bfloat16")
+# How matmuls are computed (model.precision.matmul; mfer_jax.models.layers).
+MATMUL_PATHS = ("xla", "cpu_amx", "auto")
+# Rematerialisation policies per transformer block (model.remat; mfer_jax.models.layers).
+REMAT_POLICIES = ("none", "block", "dots_saveable")

@@ -35,6 +35,16 @@ class UsageError(UserError):
   exit_code = EXIT_USAGE
 
 
+class Preempted(UserError):
+  """SIGTERM/SIGINT stopped a run after it saved a checkpoint; rerunning resumes it.
+
+  Not a mistake: commands print it as ``preempted: <message>`` (not ``error:``) and exit 143,
+  so a scheduler or script can tell a preempted run from a finished (0) or failed (1) one.
+  """
+
+  exit_code = EXIT_PREEMPTED
+
+
 def one_line(message: str) -> str:
   """Joins a message's lines into one ('; ' between them) for a one-line error."""
   parts = [p.strip() for p in str(message).splitlines() if p.strip()]

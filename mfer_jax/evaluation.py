@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from mfer_jax import errors
 from mfer_jax.constants import CLASS_NAMES
 from mfer_jax.files import atomic_write_json
 
@@ -69,18 +70,43 @@ def summarize(confusion: np.ndarray, gate_sum: np.ndarray | None = None,
   return out
 
 
-def write_eval(workdir: str | os.PathLike, step: int, result: dict[str, Any]) -> pathlib.Path:
-  """Writes ``eval/<step>.json`` atomically and returns its path."""
-  path = pathlib.Path(workdir) / "eval" / f"{step}.json"
+class EvalFileError(errors.UserError, ValueError):
+  """An eval JSON that cannot be read; the message names it and how to rewrite it."""
+
+
+def eval_dir(workdir: str | os.PathLike, name: str | None = None) -> pathlib.Path:
+  """``eval/`` for the primary evaluator (name None), ``eval/<name>/`` for the others."""
+  path = pathlib.Path(workdir) / "eval"
+  return path / name if name else path
+
+
+def write_eval(workdir: str | os.PathLike, step: int, result: dict[str, Any],
+               name: str | None = None) -> pathlib.Path:
+  """Writes ``eval/<step>.json`` (or ``eval/<name>/<step>.json``) atomically; returns it."""
+  path = eval_dir(workdir, name) / f"{step}.json"
   # Unsorted: per-class entries stay in class-index order.
   atomic_write_json(path, {"step": int(step), **result}, sort_keys=False)
   return path
 
 
-def read_evals(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """All eval JSONs of a workdir, sorted by step."""
-  paths = sorted((pathlib.Path(workdir) / "eval").glob("*.json"), key=lambda p: int(p.stem))
-  return [json.loads(p.read_text()) for p in paths]
+def read_evals(workdir: str | os.PathLike, name: str | None = None) -> list[dict[str, Any]]:
+  """All eval JSONs of a workdir (of the primary evaluator, or of ``name``), by step.
+
+  Raises:
+    EvalFileError: a file that is not JSON (they are written atomically, so it was damaged
+      after the fact).
+  """
+  paths = sorted((p for p in eval_dir(workdir, name).glob("*.json") if p.stem.isdigit()),
+                 key=lambda p: int(p.stem))
+  out = []
+  for p in paths:
+    try:
+      out.append(json.loads(p.read_text()))
+    except (OSError, ValueError) as e:
+      raise EvalFileError(f"{p} cannot be read ({type(e).__name__}: {e}); delete it, and "
+                          "rerun `python main.py ... --mode=eval` to evaluate a checkpoint "
+                          "again") from e
+  return out
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -112,8 +138,4 @@ def format_summary(result: dict[str, Any]) -> str:
       v, a = result["gate_mean"][name]
       line += f"   {v:.2f} / {a:.2f}"
     lines.append(line)
-  if "train_subset" in result:
-    t = result["train_subset"]
-    lines.append(f"train subset: macro-F1 {t['macro_f1']:.4f}   accuracy {t['accuracy']:.4f}   "
-                 f"({t['num_examples']} frames, no augmentation)")
   return "\n".join(lines)

@@ -225,7 +225,11 @@ def _markdown(workdir: pathlib.Path, result: dict[str, Any], evals: Sequence[dic
     lines += ["metrics.jsonl is missing or empty: only the validation curve is drawn.", ""]
   lines += [f"![training curves]({plots['training_curves']})", "", "## Modality gate weights", ""]
   if "gates" in plots:
-    if fusion in FIXED_GATES:
+    if fusion == "concat":
+      lines += ["Fusion `concat` has no modality weights (the head sees both features side by "
+                "side); the plot shows which modalities were available, not a learned split.",
+                ""]
+    elif fusion in FIXED_GATES:
       lines += [f"Fusion `{fusion}` uses fixed weights; the plot shows that fixed split.", ""]
     lines += [f"![gate weights]({plots['gates']})", ""]
   else:

@@ -40,19 +40,24 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
                jax.device_count())
 
 
-def run(config: ConfigDict, workdir: str, mode: str) -> dict | None:
+def run(config: ConfigDict, workdir: str, mode: str) -> dict:
   """Runs ``mode`` ('train' or 'eval') and prints a readable summary.
 
-  User errors (missing data, bad init files, NaN losses) propagate as `errors.UserError`s;
-  `mfer_jax.cli.run` turns them into one line and an exit code.
+  The summary is printed only for a finished training run or evaluation. User errors
+  (missing or damaged data and checkpoints, bad init files, NaN losses) and preemption
+  (`errors.Preempted`, after a checkpoint was saved) propagate; `mfer_jax.cli.run` turns
+  them into one line and an exit code.
   """
   if mode == "train":
     result = loop.train_and_evaluate(config, workdir)
   else:
     result = loop.evaluate_workdir(config, workdir)
-  if result is not None and jax.process_index() == 0:
+  if jax.process_index() == 0:
     wd = pathlib.Path(workdir)
     print("\n" + evaluation.format_summary(result))
-    print(f"\nOutputs in {wd}/: checkpoints/, eval/<step>.json, metrics.jsonl, tensorboard/, "
-          "config.json")
+    if mode == "train":
+      print(f"\nOutputs in {wd}/: checkpoints/, eval/<step>.json, metrics.jsonl, tensorboard/, "
+            "config.json, FINISHED.json")
+    else:
+      print(f"\nCheckpoint step {result['step']}; wrote {result['path']}")
   return result

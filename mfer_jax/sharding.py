@@ -17,6 +17,7 @@ A name missing from the rules, or ``None``, means replicated along that dimensio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from typing import Any, Sequence
@@ -25,6 +26,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mfer_jax import console, errors
 
 MESH_AXES = ("data", "fsdp", "model")
 
@@ -45,7 +48,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = MESH_AXES
   """Builds a mesh over all (or the given) devices; one ``-1`` entry takes the remainder.
 
   Axis types are Auto, so jit partitions GSPMD-style from in/out shardings and constraints
-  (``jax.make_mesh`` defaults to Explicit, DESIGN.md §6).
+  (``jax.make_mesh`` defaults to Explicit; docs/sharding.md).
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
@@ -114,6 +117,95 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
     return NamedSharding(mesh, P())
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+class ShardingError(errors.UsageError, ValueError):
+  """Params stay replicated beyond ``mesh.max_replicated_fraction``; names the largest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationReport:
+  """Params that no mesh axis of size > 1 shards, under a given mesh.
+
+  Attributes:
+    total_bytes: bytes of all params (global, unsharded).
+    replicated: (param path, bytes) of every fully replicated param, largest first.
+  """
+
+  total_bytes: int
+  replicated: tuple[tuple[str, int], ...]
+
+  @property
+  def replicated_bytes(self) -> int:
+    return sum(b for _, b in self.replicated)
+
+  @property
+  def fraction(self) -> float:
+    return self.replicated_bytes / max(self.total_bytes, 1)
+
+  def summary(self, top: int = 5) -> str:
+    largest = ", ".join(f"{p} ({b / 2**20:.2f} MiB)" for p, b in self.replicated[:top])
+    return (f"{len(self.replicated)} params ({self.fraction:.1%} of "
+            f"{self.total_bytes / 2**20:.1f} MiB) stay replicated on every device"
+            + (f"; largest: {largest}" if largest else ""))
+
+
+def replication_report(params: Any, shardings: Any, mesh: Mesh) -> ReplicationReport:
+  """Which params `logical_to_spec` left replicated (their mesh axes did not divide them,
+  or their logical names map to no axis of size > 1).
+
+  Args:
+    params: the (abstract) params, an nnx.State or pytree of arrays / ShapeDtypeStructs.
+    shardings: the matching tree of NamedShardings.
+    mesh: the mesh they are placed on.
+  """
+  big_axes = {a for a, n in mesh.shape.items() if n > 1}
+  total, replicated = 0, []
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  for (path, leaf), sh in zip(leaves, jax.tree.leaves(shardings)):
+    nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    total += nbytes
+    used = {a for entry in sh.spec if entry
+            for a in ((entry,) if isinstance(entry, str) else entry)}
+    if not used & big_axes:
+      replicated.append((_path_name(path), nbytes))
+  replicated.sort(key=lambda x: -x[1])
+  return ReplicationReport(total, tuple(replicated))
+
+
+def _path_name(path) -> str:
+  """'layers/0/blocks/1/attn/qkv/kernel' from a pytree key path (Variable wrappers dropped)."""
+  parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  return "/".join(p for p in parts if p not in ("value", ".value"))
+
+
+def replicated_fraction_limit(mesh: Mesh, configured: float) -> float | None:
+  """``mesh.max_replicated_fraction``: a value >= 0 is the limit; -1 (auto) is 0.1 when
+  the mesh has fsdp > 1, else no limit (None)."""
+  if configured >= 0:
+    return configured
+  return 0.1 if mesh.shape.get("fsdp", 1) > 1 else None
+
+
+def check_replication(params: Any, shardings: Any, mesh: Mesh,
+                      max_fraction: float = -1.0) -> ReplicationReport:
+  """Logs the params that stay replicated under an fsdp or model mesh, and enforces the limit.
+
+  Raises:
+    ShardingError: if the replicated share of param bytes exceeds the limit
+      (`replicated_fraction_limit`); the message names the largest offenders and the fix.
+  """
+  report = replication_report(params, shardings, mesh)
+  if mesh.shape.get("fsdp", 1) == 1 and mesh.shape.get("model", 1) == 1:
+    return report  # data-parallel: every param is replicated by design
+  console.say(f"Sharding: {report.summary()}.")
+  limit = replicated_fraction_limit(mesh, max_fraction)
+  if limit is not None and report.fraction > limit:
+    raise ShardingError(
+        f"mesh {dict(mesh.shape)}: {report.summary()}; that is more than "
+        f"mesh.max_replicated_fraction={limit}. Pick mesh sizes that divide these widths, map "
+        "their logical axes in mesh.rules, or raise the limit.")
+  return report
 
 
 class _Active(threading.local):

@@ -5,6 +5,13 @@ import os
 # Must happen before jax is imported anywhere: sharding tests need 8 CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU aborts the process when a device waits more than 40 s for the others at a
+# collective. The 8 fake devices are threads sharing the machine's cores, so on a loaded
+# machine one of them can lag that long and an innocent eval step dies. Raise the limit (the
+# Makefile's `make test` sets the same); the subprocesses tests start inherit it.
+_COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+if "collective_call_terminate_timeout" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + _COLLECTIVE_TIMEOUT
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -47,8 +54,11 @@ def tiny_data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data_dir, tmp_path_factory):
   """One finished 12-step tiny training run (evals at steps 6 and 12), shared by the tools'
-  tests (report, predict), so the suite trains it once."""
+  tests (report, predict, performance metrics), so the suite trains it once. It also traces
+  steps 3 and 4 with the profiler (train.profile_steps)."""
   from mfer_jax.training import loop  # pylint: disable=g-import-not-at-top
   run = tmp_path_factory.mktemp("tiny_run")
-  loop.train_and_evaluate(tiny_config(tiny_data_dir), str(run))
+  config = tiny_config(tiny_data_dir)
+  config.train.profile_steps = "3:5"
+  loop.train_and_evaluate(config, str(run))
   return run

@@ -8,6 +8,7 @@ from flax import nnx
 
 from mfer_jax import config_lib, sharding
 from mfer_jax.constants import FUSION_VARIANTS
+from mfer_jax.models import fusion as fusion_lib
 from mfer_jax.models.model import ExpressionModel, face_to_input, mel_to_input
 
 
@@ -51,6 +52,27 @@ def test_variant_shapes_and_gates(fusion):
   if fusion in ("concat", "sum"):
     np.testing.assert_allclose(gates[0::2], 0.5, atol=1e-6)
   assert np.isfinite(np.asarray(out["logits"])).all()
+
+
+@pytest.mark.parametrize("fusion", ["sum", "gated"])
+def test_reported_gates_are_the_weights_the_head_sees(fusion):
+  """Without cross-attention each pooled feature ignores the other modality and the head is
+  linear, so if the head sees gates[0] * visual + gates[1] * audio, the logits with both
+  modalities are the gate-weighted mix of the logits with each one alone (gates 1 there)."""
+  fuse = fusion_lib.Fusion(tiny_model_config(fusion).fusion, 24, 40, 8, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  v = jnp.asarray(rng.normal(size=(3, 5, 24)), jnp.float32)
+  a = jnp.asarray(rng.normal(size=(3, 7, 40)), jnp.float32)
+  out = {}
+  for name, avail in (("both", [True, True]), ("visual", [True, False]),
+                      ("audio", [False, True])):
+    out[name] = fuse(v, a, jnp.asarray([avail] * 3))
+  gates = np.asarray(out["both"][1])
+  if fusion == "sum":
+    np.testing.assert_allclose(gates, 0.5, atol=1e-7)
+  np.testing.assert_allclose(out["visual"][1], [[1.0, 0.0]] * 3, atol=1e-7)
+  mixed = gates[:, :1] * out["visual"][0] + gates[:, 1:] * out["audio"][0]
+  np.testing.assert_allclose(out["both"][0], mixed, atol=1e-5)
 
 
 def test_single_modality_variants_build_one_encoder():

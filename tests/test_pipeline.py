@@ -204,6 +204,45 @@ def test_orbax_checkpoint_restores_in_a_new_process(data_dir, tmp_path):
   assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
 
 
+_NO_SIMD_SCRIPT = """
+import json, sys
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+import cv2, ml_collections, numpy as np
+sys.path.insert(0, {tests!r})
+import test_pipeline
+from mfer_jax.data import pipeline, store
+
+# The switches below must have taken effect, or the comparison would prove nothing.
+info = np.lib.introspect.opt_func_info(func_name="add|multiply|divide|floor_divide")
+current = {{t["current"] for loops in info.values() for t in loops.values()}}
+assert all(t.startswith("baseline") for t in current), current
+assert not cv2.checkHardwareSupport(10) and not cv2.checkHardwareSupport(11)  # AVX, AVX2
+cfg = ml_collections.ConfigDict(json.loads({cfg!r}))
+it = pipeline.make_train_iterator(cfg, store.load_split(cfg.data_dir, "train"),
+                                  process_index=0, process_count=1)
+print(json.dumps([test_pipeline._digest(next(it)) for _ in range({n})]))
+"""
+
+
+def test_batches_are_the_same_bytes_without_simd(data_dir, tmp_path):
+  """Data order and augmentation do not depend on the processor: rebuilt in a process whose
+  NumPy, OpenCV and libjpeg-turbo vector code paths are switched off (as on an older CPU),
+  the augmented train batches are the same bytes (docs/resume.md#what-is-deterministic)."""
+  cfg = _cfg(data_dir, **{"sampling.stratify_chunk": 4})   # default augmentation is on
+  expected = [_digest(b) for b in _take(_train(cfg), 7)]   # into the second epoch
+  script = _NO_SIMD_SCRIPT.format(tests=str(REPO / "tests"), cfg=cfg.to_json(), n=7)
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+         # Every dispatched NumPy target above the baseline, on x86-64 and on Arm.
+         "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR ASIMDHP ASIMDDP "
+                                     "ASIMDFHM SVE",
+         "OPENCV_CPU_DISABLE": "AVX,AVX2,FMA3,FP16", "JSIMD_FORCENONE": "1"}
+  out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
 @pytest.mark.parametrize("hosts", [1, 2, 3])
 def test_eval_sees_every_valid_frame_once(data_dir, hosts):
   cfg = _cfg(data_dir)                     # global eval batch 6

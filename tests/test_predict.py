@@ -9,12 +9,13 @@ import av
 import numpy as np
 import pytest
 
+import face_scenes
 from data_prep import media_write, synth_render
+from mfer_jax import constants
 from mfer_jax.media import decode
+from mfer_jax.prediction import frames as frames_lib, labels
 from mfer_jax.prediction import predictor as predictor_lib
 from mfer_jax.prediction import videos as predict
-from mfer_jax.data import store
-from mfer_jax.prediction import frames as frames_lib, labels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 192, 256
@@ -63,7 +64,7 @@ def test_one_label_per_decoded_frame_at_2997_fps(predictor, params, tmp_path):
   video, audio = _clip(45, lambda i: i < 20 or i >= 30, fps=fps)
   path = media_write.write_video(tmp_path / "clip.mp4", video, fps, audio, 44100)
   decoded = decode.probe(path).num_frames
-  result = predict.predict_video(predictor, params, path, tmp_path / "out" / "clip.txt")
+  result, = predict.predict_video(predictor, params, path, tmp_path / "out" / "clip.txt")
   lines = _lines(result.label_file)
   assert lines[0] == HEADER
   assert len(lines) - 1 == decoded == result.num_frames
@@ -79,12 +80,44 @@ def test_one_label_per_decoded_frame_at_2997_fps(predictor, params, tmp_path):
   assert [int(r[1]) for r in rows] == [int(l) for l in lines[1:]]
 
 
+def test_two_people_crossing_sizes_get_a_file_each_with_every_frame(predictor, params,
+                                                                    tmp_path):
+  """The issue's two-person video: sizes cross, one person hides for 6 frames. --person=all
+  writes clip_left and clip_right, each with one label per decoded frame; each CSV row's box
+  and landmarks are that person's, and the smaller face never takes over "largest"."""
+  frames, truth = face_scenes.draw_crossing_video()
+  path = media_write.write_video(tmp_path / "pair.mp4", np.stack(frames), 25)
+  results = predict.predict_video(predictor, params, path, tmp_path / "out" / "pair.txt",
+                                  person="all")
+  assert sorted(pathlib.Path(r.label_file).name for r in results) == ["pair_left.txt",
+                                                                      "pair_right.txt"]
+  for result, person in zip(sorted(results, key=lambda r: r.label_file), (0, 1)):
+    lines = _lines(result.label_file)
+    assert lines[0] == HEADER and len(lines) - 1 == face_scenes.NUM_FRAMES
+    header = _lines(labels.probabilities_path(result.label_file))[0].split(",")
+    assert header[-14:] == list(labels.FACE_COLUMNS)
+    for i, row in enumerate(_probs_rows(result.label_file)):
+      if truth[person][i] is None:       # hidden: no face, empty face columns
+        assert row[2] == "0" and row[-14:] == [""] * 14
+        continue
+      assert row[2] == "1", (person, i)
+      points = np.array([float(v) for v in row[-10:]]).reshape(5, 2)
+      eye_distance = np.linalg.norm(truth[person][i][1] - truth[person][i][0])
+      # The landmarks are this person's (compression blurs the drawn face a little).
+      assert np.linalg.norm(points - truth[person][i], axis=1).mean() < 0.35 * eye_distance
+  # "largest" is the person present in the most frames: the left one, though smaller at first.
+  largest, = predict.predict_video(predictor, params, path, tmp_path / "largest.txt")
+  left = min(results, key=lambda r: r.label_file)
+  assert largest.frames_with_face == left.frames_with_face == face_scenes.NUM_FRAMES
+  assert _lines(largest.label_file) == _lines(left.label_file)
+
+
 def test_audio_windows_match_data_preparation(params, tmp_path):
   """The windows prediction builds equal data_prep's for the same file and frame times."""
   from mfer_jax.media import audio_features  # pylint: disable=g-import-not-at-top
   video, audio = _clip(30, lambda i: True, fps=10, sample_rate=48000)
   path = media_write.write_video(tmp_path / "clip.avi", video, 10, audio, 48000)
-  inputs = frames_lib.read_video(path, params, 32)
+  inputs, = frames_lib.read_video(path, params, 32)
   info = decode.probe(path)
   wav, _ = audio_features.load_audio(path, params, info.start_time)
   windows = audio_features.frame_windows(audio_features.compute_log_mel(wav, params),
@@ -115,7 +148,7 @@ def test_smoothing_is_a_centred_moving_average():
 def test_no_face_no_audio_still_writes_a_complete_file(predictor, params, tmp_path):
   video, _ = _clip(12, lambda i: False)
   path = media_write.write_video(tmp_path / "empty.mp4", video, 25)
-  result = predict.predict_video(predictor, params, path, tmp_path / "empty.txt",
+  result, = predict.predict_video(predictor, params, path, tmp_path / "empty.txt",
                                  no_face="nearest")
   assert len(_lines(result.label_file)) == 13 and result.frames_with_face == 0
   notes = " ".join(result.notes)
@@ -143,7 +176,7 @@ def test_unreadable_frame_in_the_middle_keeps_every_frame(predictor, params, tmp
   video, _ = _clip(12, lambda i: True)
   path = tmp_path / "bad.avi"
   _mjpeg_with_a_zeroed_frame(path, video, 5)
-  result = predict.predict_video(predictor, params, path, tmp_path / "bad.txt")
+  result, = predict.predict_video(predictor, params, path, tmp_path / "bad.txt")
   assert len(_lines(result.label_file)) - 1 == result.num_frames == 12
   assert any("unreadable frame(s) (first: frame 6)" in n for n in result.notes), result.notes
   rows = _probs_rows(result.label_file)

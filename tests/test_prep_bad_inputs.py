@@ -136,7 +136,7 @@ def test_wrong_root_or_empty_folder_is_fatal_with_layout_help(tmp_path, make, me
                       "--splits=train", "--workers=1")
   line = commands.assert_user_error(proc, 1, message)
   if message != "is not a directory":
-    assert "cropped_aligned/<name>/<NNNNN>.jpg" in line   # the expected layout is explained
+    assert "data_prep/README.md" in line and "cropped_aligned*/<name>/" in line  # layout pointer
   assert not (tmp_path / "out" / store.METADATA).exists()
 
 

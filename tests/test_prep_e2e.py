@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from mfer_jax.data import affwild2
 from data_prep import build
-from mfer_jax.media import decode
+from data_prep import synth
+from mfer_jax.data import affwild2
 from mfer_jax.data import config
 from mfer_jax.data import pipeline
 from mfer_jax.data import records
 from mfer_jax.data import store
-
-synth = pytest.importorskip("data_prep.synth")
+from mfer_jax.media import decode
 
 
 @pytest.fixture(scope="module")

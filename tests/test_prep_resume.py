@@ -90,8 +90,8 @@ def test_killed_subprocess_then_rerun_matches(raw, reference, tmp_path):
 def test_pair_shares_one_decode_and_gets_identical_windows(raw, reference, tmp_path,
                                                            monkeypatch):
   probed = []
-  real_probe = build.media.probe
-  monkeypatch.setattr(build.media, "probe", lambda p: probed.append(p) or real_probe(p))
+  real_probe = build.decode.probe
+  monkeypatch.setattr(build.decode, "probe", lambda p: probed.append(p) or real_probe(p))
   build.build(raw, tmp_path, splits=["train"], workers=1, log=None)
   assert sorted(pathlib.Path(p).name for p in probed) == ["pair.avi", "solo.mp4"]
   files = _dataset_files(tmp_path)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from safetensors.torch import save_file
 
-from mfer_jax.models import matmul
+from mfer_jax.models import layers
 from mfer_jax.models import swin
 from mfer_jax.models import swin_import
 from mfer_jax.models import swin_layers
@@ -146,33 +146,48 @@ EINSUM_CASES = [("mi,io->mo", (6, 5), (5, 3)),
 
 
 @pytest.mark.parametrize("spec,sa,sb", EINSUM_CASES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_einsum_and_its_gradients_match_jnp(spec, sa, sb, dtype):
-  """Products of ``dtype``-rounded operands accumulated in float32, in both passes."""
+@pytest.mark.parametrize("dtype,path", [("float32", "xla"), ("float32", "cpu_amx"),
+                                        ("bfloat16", "xla"), ("bfloat16", "cpu_amx")])
+def test_einsum_and_its_gradients_match_jnp(spec, sa, sb, dtype, path):
+  """Products of ``dtype``-rounded operands accumulated in float32.
+
+  In the backward pass cpu_amx rounds the cotangent to bf16 (bf16-in / f32-out dots); xla
+  transposes with the float32 cotangent (JAX's own rule) and rounds each operand's gradient
+  to the operand's compute dtype, i.e. to bf16 at most one unit in the last place away.
+  """
   rng = np.random.default_rng(0)
   a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (sa, sb))
-  out, vjp = jax.vjp(lambda a, b: matmul.einsum(spec, a, b, dtype), a, b)
+  precision = layers.Precision(compute_dtype=dtype, matmul=path)
+  out, vjp = jax.vjp(lambda a, b: layers.einsum(spec, a, b, precision), a, b)
   g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
   rnd = lambda t: t.astype(dtype).astype(jnp.float32)  # noqa: E731
   want_out, want_vjp = jax.vjp(
       lambda a, b: jnp.einsum(spec, a, b, precision="highest"), rnd(a), rnd(b))
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
-  for got, want in zip(vjp(g), want_vjp(rnd(g))):
+  if path == "cpu_amx":
+    wants, rtol = want_vjp(rnd(g)), 1e-5
+  else:
+    wants, rtol = [rnd(w) for w in want_vjp(g)], 1e-5 if dtype == "float32" else 2**-7
+  for got, want in zip(vjp(g), wants):
     assert got.dtype == jnp.float32
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-5)
 
 
 def test_einsum_rejects_an_index_summed_within_one_operand():
-  with pytest.raises(ValueError, match="summed within one operand"):
-    matmul.einsum("ij,jk->k", jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.float32)
+  for path in ("xla", "cpu_amx"):
+    with pytest.raises(ValueError, match="summed within one operand"):
+      layers.einsum("ij,jk->k", jnp.ones((2, 3)), jnp.ones((3, 4)),
+                    layers.Precision("bfloat16", matmul=path))
 
 
-def test_bf16_compute_stays_close_to_float32(tmp_path):
+@pytest.mark.parametrize("path", ["xla", "cpu_amx"])
+def test_bf16_compute_stays_close_to_float32(tmp_path, path):
   """Forward and gradients; the backward also checks every bf16 dot compiles on XLA:CPU."""
   cfg = swin.swin_config("test", img_size=(32, 64), window_size=4)
   _, model = _timm_and_ours(tmp_path, cfg)
-  low = nnx.eval_shape(lambda: swin.SwinTransformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+  precision = layers.Precision("bfloat16", matmul=path)
+  low = nnx.eval_shape(lambda: swin.SwinTransformer(cfg, rngs=nnx.Rngs(0), precision=precision))
   nnx.update(low, nnx.state(model))
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 64, 3)), jnp.float32)
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from safetensors.torch import save_file
 
+from mfer_jax.models import model as model_lib
 from mfer_jax.models import swin
 from mfer_jax.models import swin_import
 from mfer_jax.testing.timm_reference import timm, timm_swin, torch
@@ -90,6 +91,19 @@ def test_every_format_gives_the_same_params(tiny):
       np.testing.assert_array_equal(params[k], first[k], err_msg=k)
 
 
+def test_data_parallel_prefix_is_stripped_in_both_layouts(tiny, tmp_path):
+  """DataParallel/DDP checkpoints prefix every key with ``module.``, Microsoft's too."""
+  ref, files, _ = tiny
+  want = swin_import.load_swin_params(files["safetensors"], TINY)
+  for name, sd in (("timm", ref.state_dict()), ("microsoft", _microsoft_layout(ref))):
+    path = tmp_path / f"{name}_ddp.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, path)
+    got = swin_import.load_swin_params(str(path), TINY)
+    assert got.keys() == want.keys(), name
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name}: {k}")
+
+
 def test_swin_tiny_matches_timm(tiny):
   ref, files, _ = tiny
   _compare(ref, _model(TINY, swin_import.load_swin_params(files["microsoft"], TINY)), TINY)
@@ -142,15 +156,30 @@ def test_window_change_matches_timm_filter(small_w7, img_size, window):
   _compare(ref, _model(cfg, params), cfg)
 
 
-def test_one_channel_input_sums_the_rgb_kernel(small_w7):
+def test_one_channel_model_equals_the_rgb_model_on_a_grey_image(small_w7, tmp_path):
+  """A uint8 spectrogram through our 1-channel encoder (its own input normalisation, the
+  imported weights) gives the 3-channel timm model's output on the same grey image repeated
+  into RGB and normalised with the ImageNet statistics it was trained with. Also through a
+  converted 1-channel file (`save_params` -> load)."""
   sd, path = small_w7
-  cfg = swin.SwinConfig(img_size=(64, 128), window_size=4, in_chans=1, **SMALL_ARCH)
-  ref = timm_swin.SwinTransformer(img_size=(64, 128), window_size=4, in_chans=1,
-                                  **SMALL_ARCH).eval()
-  mono = dict(sd)
-  mono["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"].sum(1, keepdim=True)
-  ref.load_state_dict(timm_swin.checkpoint_filter_fn(mono, ref))
-  _compare(ref, _model(cfg, swin_import.load_swin_params(path, cfg)), cfg, batch=2)
+  size = (64, 128)
+  cfg = swin.SwinConfig(img_size=size, window_size=4, in_chans=1, **SMALL_ARCH)
+  ref = timm_swin.SwinTransformer(img_size=size, window_size=4, **SMALL_ARCH).eval()
+  ref.load_state_dict(timm_swin.checkpoint_filter_fn(dict(sd), ref))
+  mel = np.random.default_rng(0).integers(0, 256, (2, *size), np.uint8)
+  rgb = np.repeat(mel[..., None] / 255.0, 3, axis=-1)
+  rgb = ((rgb - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]))
+  with torch.no_grad():
+    want = ref.forward_features(torch.from_numpy(rgb.astype(np.float32)).permute(0, 3, 1, 2))
+    want_pooled = ref.forward_head(want, pre_logits=True).numpy()
+  x = model_lib.mel_to_input(jnp.asarray(mel), size, 1)
+  params = swin_import.load_swin_params(path, cfg)
+  converted = tmp_path / "grey.safetensors"
+  swin_import.save_params(str(converted), params, cfg)
+  for p in (params, swin_import.load_swin_params(str(converted), cfg)):
+    tokens, pooled = nnx.jit(lambda m, x: m(x))(_model(cfg, p), x)
+    np.testing.assert_allclose(np.asarray(tokens), want.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(pooled), want_pooled, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["timm.safetensors", "timm.pth"])

@@ -1,8 +1,10 @@
-"""Training: steps, sharding parity, NaN guard, metrics vs scikit-learn, and the loop's errors."""
+"""Training: steps, sharding parity, NaN guard, metrics vs scikit-learn, evaluators, the
+documented options against references, --mode=eval, and the loop's errors."""
 
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -10,16 +12,22 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import portpicker
 import pytest
 from flax import nnx
+from ml_collections import ConfigDict
 from sklearn.metrics import f1_score
 
 from conftest import tiny_config
-from mfer_jax import evaluation, sharding
-from mfer_jax.data import pipeline, store
-from mfer_jax.training import checkpointing, loop, optimizer, state as state_lib
+from mfer_jax import config_lib, errors, evaluation, sharding
+from mfer_jax.data import pipeline, reader, store
+from mfer_jax.models import model as model_lib
+from mfer_jax.models import swin_import
+from mfer_jax.training import checkpointing, evaluator as evaluator_lib, init_files, loop
+from mfer_jax.training import optimizer
+from mfer_jax.training import state as state_lib
 from mfer_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -145,18 +153,27 @@ def test_macro_f1_matches_sklearn_with_absent_classes():
   np.testing.assert_allclose(list(ours["per_class_f1"].values()), ref_per_class, atol=1e-12)
 
 
-def test_device_eval_matches_sklearn(data_dir):
+def test_device_eval_matches_sklearn_and_compiles_once(data_dir, monkeypatch):
   """The on-device confusion accumulation over padded batches equals sklearn on the same
-  predictions made one example at a time on the host."""
+  predictions made one example at a time on the host; an evaluator built once opens its
+  shards once and traces its step once however often it evaluates."""
   config = tiny_config(data_dir)
   mesh = sharding.make_mesh((2, 2, 2))
   spec = state_lib.ModelSpec(config.model)
   tx, _ = optimizer.make_optimizer(config.train, 10)
   state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
+  readers = []
+  real_init = reader.SplitReader.__init__
+
+  def counting_init(self, *args, **kwargs):
+    readers.append(1)   # each construction opens and checks every shard of the split
+    real_init(self, *args, **kwargs)
+
+  monkeypatch.setattr(reader.SplitReader, "__init__", counting_init)
+  evaluators = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params)
+  ev = evaluators["validation"]
+  result = ev(state.params)
   index = store.load_split(config.data.data_dir, "validation")
-  run = loop.Run(config, pathlib.Path("."), mesh, spec, tx, None, state, state_sh, 1, 1, None,
-                 index, None)
-  result = loop.evaluate(run, state.params)
   model = spec.merge(jax.device_get(state.params))
   labels, preds = [], []
   for b in pipeline.make_eval_pipeline(config.data, index, process_index=0, process_count=1):
@@ -164,9 +181,36 @@ def test_device_eval_matches_sklearn(data_dir):
     keep = b["mask"]
     labels += list(b["label"][keep])
     preds += list(np.asarray(logits).argmax(-1)[keep])
-  assert result["num_examples"] == int((index.label >= 0).sum())
+  assert result["num_examples"] == ev.num_examples == int((index.label >= 0).sum())
   ref = f1_score(labels, preds, average="macro", labels=list(range(8)), zero_division=0)
   assert result["macro_f1"] == pytest.approx(ref, abs=1e-9)
+  # A second evaluation, of other params, reuses the pipeline and the compiled step.
+  readers.clear()
+  shifted = jax.tree.map(lambda p: p * 0.5, state.params)
+  again = ev(shifted)
+  assert ev.traces == 1 and not readers
+  assert again["num_examples"] == result["num_examples"]
+  assert again["confusion"] != result["confusion"]
+
+
+def test_a_train_subset_evaluator_sees_a_fixed_evenly_spaced_subset(data_dir):
+  config = tiny_config(data_dir)
+  config.evals.train_subset = config_lib.evaluator("train", every_steps=3, max_examples=20)
+  specs = evaluator_lib.specs_from_config(config)
+  assert list(specs) == ["validation", "train_subset"]     # the primary comes first
+  sub = specs["train_subset"]
+  assert [s for s in range(1, 13) if sub.due(s, 6, 12)] == [3, 6, 9, 12]
+  assert [s for s in range(1, 13) if specs["validation"].due(s, 6, 12)] == [6, 12]
+  index = store.load_split(config.data.data_dir, "train")
+  labelled = np.flatnonzero(index.label >= 0)
+  pipe = pipeline.make_eval_pipeline(config.data, index, max_examples=20,
+                                     process_index=0, process_count=1)
+  seen = np.concatenate([b["index"][b["mask"]] for b in pipe])
+  expected = labelled[np.linspace(0, labelled.size - 1, 20).round().astype(int)]
+  np.testing.assert_array_equal(seen, expected)
+  config.evals.train_subset.metrics = ("macro_f1", "loss")
+  with pytest.raises(evaluator_lib.EvalConfigError, match="config.evals.train_subset.metrics"):
+    evaluator_lib.specs_from_config(config)
 
 
 def _main(*args, check=True):
@@ -250,7 +294,8 @@ def test_two_processes_match_one(data_dir, reference_run, tmp_path):
   8-device mesh and global batches as the single-process run, so the same losses up to the
   summation order of cross-process all-reduces."""
   port = portpicker.pick_unused_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(
+      "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=4")}
   workdir = tmp_path / "two_hosts"
   procs = [subprocess.Popen(
       [sys.executable, str(ROOT / "main.py"), f"--config={TINY}:{data_dir}",
@@ -299,3 +344,162 @@ def test_ema_params_follow_the_formula_and_are_what_is_evaluated(data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert any(not np.allclose(a, p) for a, p in zip(ema, as_numpy(state.params)))
   assert state_lib.eval_params(state) is state.ema_params
+
+
+def test_bf16_first_moments_and_one_step_matches_float32(data_dir):
+  """train.mu_dtype=bfloat16: Adam's first moments are bf16 (second moments stay float32),
+  and two steps (the first has learning rate 0 in warmup) move the params as float32 does."""
+  config = deterministic_config(data_dir)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  moved = {}
+  for mu_dtype in ("float32", "bfloat16"):
+    config.train.mu_dtype = mu_dtype
+    _, state, _, step, local = _pieces(config, mesh)
+    mu = optax.tree_utils.tree_get(state.opt_state, "mu")
+    nu = optax.tree_utils.tree_get(state.opt_state, "nu")
+    assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(mu_dtype)}
+    assert {x.dtype for x in jax.tree.leaves(nu)} == {jnp.dtype(jnp.float32)}
+    before = jax.device_get(nnx.to_pure_dict(state.params))
+    batch = pipeline.to_global_batch(local, mesh)
+    for _ in range(2):
+      state, _ = step(state, batch)
+    after = jax.device_get(nnx.to_pure_dict(state.params))
+    moved[mu_dtype] = jax.tree.map(lambda a, b: a - b, after, before)
+  total = 0.0
+  for a, b in zip(jax.tree.leaves(moved["bfloat16"]), jax.tree.leaves(moved["float32"])):
+    np.testing.assert_allclose(a, b, atol=1e-2 * np.abs(b).max() + 1e-9)
+    total += float(np.abs(b).sum())
+  assert total > 0
+
+
+def test_step_runs_under_transfer_guard_and_refuses_implicit_copies(data_dir):
+  """The step needs no implicit host<->device copy (the loop runs it under the guard); a numpy
+  batch, which jit would silently copy, is refused."""
+  config = deterministic_config(data_dir)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _, state, _, step, local = _pieces(config, mesh)
+  batch = pipeline.to_global_batch(local, mesh)
+  with jax.transfer_guard("disallow"):
+    state, metrics = step(state, batch)
+    with pytest.raises(Exception, match="host-to-device transfer"):
+      step(state, local)
+  assert np.isfinite(float(metrics["loss"]))
+
+
+# --- Documented options, each against an independent reference ------------------------------
+
+
+def test_class_weights_follow_the_formula():
+  """w_c = n_c^-p (p = 1 inverse, 1/2 inverse_sqrt), 0 for absent classes, scaled so that the
+  mean weight over the labelled frames is 1; -1 frames do not count."""
+  label = np.array([0] * 50 + [1] * 5 + [4] * 20 + [7] * 2 + [-1] * 9)
+  counts = np.array([50, 5, 0, 0, 20, 0, 0, 2], np.float64)
+  for mode, power in (("inverse", 1.0), ("inverse_sqrt", 0.5)):
+    got = loop.class_loss_weights(ConfigDict({"class_weights": mode}), label, 8)
+    raw = np.array([c ** -power if c else 0.0 for c in counts])
+    expected = raw * counts.sum() / (raw * counts).sum()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got[1] / got[0] == pytest.approx((50 / 5) ** power, rel=1e-6)
+  np.testing.assert_array_equal(
+      loop.class_loss_weights(ConfigDict({"class_weights": "none"}), label, 8), np.ones(8))
+  with pytest.raises(errors.UsageError, match="train.class_weights='inverse_square'"):
+    loop.class_loss_weights(ConfigDict({"class_weights": "inverse_square"}), label, 8)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_weighted_smoothed_loss_matches_optax_smooth_labels(smoothing):
+  """The step's loss sum equals sum_i w_i * CE(optax.smooth_labels(onehot(y_i)), logits_i),
+  the cross-entropy computed here with numpy."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 8)).astype(np.float32)
+  labels = np.array([0, 1, 4, 4, 7, 2])
+  weights = np.array([1.0, 2.5, 0.5, 0.5, 1.0, 0.0], np.float32)   # class weight x mask
+  loss_sum, weight_sum = step_lib._weighted_ce(jnp.asarray(logits), jnp.asarray(labels),
+                                               jnp.asarray(weights), 8, smoothing)
+  targets = np.asarray(optax.smooth_labels(jax.nn.one_hot(labels, 8), smoothing))
+  log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -(targets * log_softmax).sum(-1)
+  assert float(loss_sum) == pytest.approx(float((weights * ce).sum()), rel=1e-5)
+  assert float(weight_sum) == pytest.approx(float(weights.sum()))
+
+
+def test_adam_is_adam_with_l2_decay_on_matrices():
+  """optimizer=adam: the authors' Adam with L2 decay added to the gradient of matrices (not
+  of biases), against a numpy Adam; AdamW (decoupled decay) would differ."""
+  cfg = ConfigDict(dict(optimizer="adam", learning_rate=0.05, warmup_steps=0,
+                        final_lr_ratio=1.0, weight_decay=0.1, b1=0.9, b2=0.999,
+                        grad_clip_norm=0.0))
+  tx, _ = optimizer.make_optimizer(cfg, 10)
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=4)}}
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+           for _ in range(3)]
+  ref = jax.tree.map(np.asarray, params)
+  m = jax.tree.map(np.zeros_like, ref)
+  v = jax.tree.map(np.zeros_like, ref)
+  opt_state = tx.init(params)
+  for t, g in enumerate(grads, start=1):
+    updates, opt_state = tx.update(g, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    for layer in ("kernel", "bias"):
+      p, gi = ref["dense"][layer], np.asarray(g["dense"][layer], np.float64)
+      if layer == "kernel":
+        gi = gi + 0.1 * p
+      m["dense"][layer] = 0.9 * m["dense"][layer] + 0.1 * gi
+      v["dense"][layer] = 0.999 * v["dense"][layer] + 0.001 * gi ** 2
+      m_hat = m["dense"][layer] / (1 - 0.9 ** t)
+      v_hat = v["dense"][layer] / (1 - 0.999 ** t)
+      ref["dense"][layer] = p - 0.05 * m_hat / (np.sqrt(v_hat) + 1e-8)
+  for layer in ("kernel", "bias"):
+    np.testing.assert_allclose(params["dense"][layer], ref["dense"][layer], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_init_file_loads_into_an_fsdp_sharded_state(data_dir, tmp_path):
+  """model.image.init_file into a state sharded over an fsdp axis of 8 devices: the encoder
+  holds the file's values exactly, and every param keeps its sharding."""
+  config = tiny_config(data_dir)
+  enc_cfg = model_lib.encoder_config(config.model.image, 3)
+  rng = np.random.default_rng(1)
+  values = {p: rng.normal(size=s).astype(np.float32)
+            for p, s in swin_import.expected_shapes(enc_cfg).items()}
+  path = tmp_path / "image_encoder.safetensors"
+  swin_import.save_params(str(path), values, enc_cfg)
+  config.model.image.init_file = str(path)
+  mesh = sharding.make_mesh((1, 8, 1))
+  spec = state_lib.ModelSpec(config.model)
+  tx, _ = optimizer.make_optimizer(config.train, 10)
+  state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
+  loaded = init_files.apply_init_files(config, spec, state)
+  encoder = nnx.state(spec.merge(loaded.params).image_encoder, nnx.Param)
+  got = {"/".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(encoder)}
+  assert set(got) == set(values)
+  split = 0
+  for p, value in got.items():
+    np.testing.assert_array_equal(np.asarray(value), values[p])
+    split += not value.sharding.is_fully_replicated
+  assert split > 10   # the fsdp axis really splits the encoder's kernels
+  same = jax.tree.map(lambda a, s: a.sharding == s, loaded.params, state_sh.params)
+  assert all(jax.tree.leaves(same))
+
+
+def test_eval_mode_needs_only_the_eval_split_and_writes_beside_its_checkpoint(
+    data_dir, tiny_run, tmp_path):
+  """--mode=eval evaluates the best checkpoint (by the primary eval's macro-F1) with no train
+  split present, equals the training run's own evaluation of that step, writes
+  checkpoints/<step>/eval_validation.json and leaves config.json and eval/ untouched."""
+  data = tmp_path / "validation_only"
+  shutil.copytree(data_dir, data)
+  shutil.rmtree(data / "train")
+  (data / "train.index.npz").unlink()
+  run = tmp_path / "run"
+  shutil.copytree(tiny_run, run)
+  kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  result = loop.evaluate_workdir(tiny_config(data), str(run))
+  best = max(evaluation.read_evals(tiny_run), key=lambda e: e["macro_f1"])
+  assert result["step"] == best["step"] != 12
+  assert {k: v for k, v in result.items() if k != "path"} == best
+  written = run / "checkpoints" / str(best["step"]) / "eval_validation.json"
+  assert result["path"] == str(written) and json.loads(written.read_text()) == best
+  assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p != written} == kept

@@ -29,6 +29,10 @@ class AblationError(errors.UserError, ValueError):
   """A sweep that cannot run as asked; the message says what to change."""
 
 
+class AblationUsageError(AblationError, errors.UsageError):
+  """A bad --config, --override or variant name (exit code 2, like any usage error)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
   fusion: str

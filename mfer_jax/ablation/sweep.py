@@ -13,10 +13,12 @@ and the sweep goes on, no JAX state (compile caches, device buffers) leaks from 
 the next, and every run is exactly what the printed command reproduces by hand. The cost, a
 few seconds of start-up per run, is small next to training.
 
-Resuming: a run is finished when its completion marker (``ablate_done.json``, written
-atomically after the run's final eval) exists; finished runs are never rerun. Any other run
-is started again and main.py resumes it from its own latest checkpoint. Ctrl-C or SIGTERM
-asks the running child to save a checkpoint and stop, so rerunning the same command continues.
+Resuming: a run is finished when its training loop wrote its FINISHED marker
+(`mfer_jax.training.run_status`); the sweep then records it in ``ablate_done.json`` with the
+sweep spec, and finished runs are never rerun. Any other run is started again and main.py
+resumes it from its own newest checkpoint. Ctrl-C or SIGTERM asks the running child to save a
+checkpoint and stop (it exits 143 with a PREEMPTED marker), then the sweep exits 143 too, so
+rerunning the same command continues.
 
 Outputs in DIR: ``ablation.md`` and ``ablation.csv`` (macro-F1 and accuracy per variant, mean
 ± sample std over seeds, with the paper's two claims checked against the table), ``ablate.log``
@@ -25,6 +27,7 @@ Outputs in DIR: ``ablation.md`` and ``ablation.csv`` (macro-F1 and accuracy per 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import pathlib
@@ -34,11 +37,13 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from mfer_jax import evaluation
+from mfer_jax import errors
 from mfer_jax.ablation import tables
 from mfer_jax.ablation.runs import (DEFAULT_SWEEP, FUSION_ORDER, MARKER, SAMPLING_ORDER,
-                                    SWEEP_KEYS, AblationError, RunStatus, Variant, read_json)
+                                    SWEEP_KEYS, AblationError, AblationUsageError, RunStatus,
+                                    Variant, read_json)
 from mfer_jax.files import atomic_write_json
+from mfer_jax.training import run_status
 
 MAIN = pathlib.Path(__file__).resolve().parents[2] / "main.py"
 
@@ -51,7 +56,7 @@ def split_config_arg(config: str) -> tuple[pathlib.Path, str]:
   path, _, arg = config.partition(":")
   path = pathlib.Path(path).resolve()
   if not path.is_file():
-    raise AblationError(f"--config: {path} is not a file (expected e.g. configs/abaw.py)")
+    raise AblationUsageError(f"--config: {path} is not a file (expected e.g. configs/abaw.py)")
   return path, arg
 
 
@@ -60,8 +65,8 @@ def merged_arg(base_arg: str, variant: Variant) -> str:
   items = [i for i in base_arg.split(",") if i.strip()]
   clash = [i for i in items if i.partition("=")[0].strip() in SWEEP_KEYS]
   if clash:
-    raise AblationError(f"--config argument sets {clash}, but the sweep sets {SWEEP_KEYS} "
-                        "itself: use --sweep, --sampling and --seeds instead")
+    raise AblationUsageError(f"--config argument sets {clash}, but the sweep sets "
+                             f"{SWEEP_KEYS} itself: use --sweep, --sampling and --seeds instead")
   return ",".join(items + [variant.arg])
 
 
@@ -70,7 +75,7 @@ def _load_get_config(path: pathlib.Path) -> Callable[[str], Any]:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise AblationError(f"{path} has no get_config(arg)")
+    raise AblationUsageError(f"{path} has no get_config(arg)")
   return module.get_config
 
 
@@ -87,10 +92,10 @@ def check_config(path: pathlib.Path, base_arg: str, variants: Sequence[Variant],
     try:
       c = get_config(merged_arg(base_arg, v))
     except (ValueError, KeyError) as e:
-      raise AblationError(f"{path.name}:{merged_arg(base_arg, v)}: {e}") from e
+      raise AblationUsageError(f"{path.name}:{merged_arg(base_arg, v)}: {e}") from e
     got = (c.model.fusion.name, c.data.sampling.mode, int(c.seed))
     if got != (v.fusion, v.sampling, v.seed):
-      raise AblationError(
+      raise AblationUsageError(
           f"{path.name}:{merged_arg(base_arg, v)} gave fusion/sampling/seed {got}: this config "
           "file ignores its variant argument. Use a config whose get_config(arg) ends with "
           "config_lib.apply_variant_args(c, arg), like configs/abaw.py and configs/demo.py.")
@@ -99,8 +104,12 @@ def check_config(path: pathlib.Path, base_arg: str, variants: Sequence[Variant],
       node = c
       for part in key.split("."):
         if not sep or not hasattr(node, "keys") or part not in node.keys():
-          raise AblationError(f"--override={o}: expected key=value with an existing config "
-                              f"key (e.g. data.data_dir=/data/prepared); {key!r} is not one")
+          close = difflib.get_close_matches(part, list(node.keys()) if hasattr(node, "keys")
+                                            else [], n=1)
+          hint = f"; did you mean {close[0]!r}?" if close else ""
+          raise AblationUsageError(f"--override={o}: expected key=value with an existing "
+                                   f"config key (e.g. data.data_dir=/data/prepared); {key!r} is "
+                                   f"not one{hint}")
         node = node[part]
 
 
@@ -116,24 +125,18 @@ def run_command(config_path: pathlib.Path, base_arg: str, variant: Variant,
 
 
 def final_eval_if_complete(run_dir: pathlib.Path) -> dict[str, Any] | None:
-  """The run's final eval if training reached its last step, else None.
+  """The run's final evaluation if its training loop finished, else None.
 
-  main.py exits 0 after a SIGTERM too (with a checkpoint, mid-run), so exit status alone does
-  not mean finished. Finished means: the last metrics.jsonl row is at the configured end
-  (``train.max_steps``, or ``train.num_epochs`` epochs), and an eval exists at that step.
+  The loop itself says so: it writes ``FINISHED.json`` (`mfer_jax.training.run_status`) after
+  the last step's evaluation and checkpoint, and never for a preempted (exit 143), failed or
+  killed run.
   """
-  config = read_json(run_dir / "config.json")
-  rows = evaluation.read_metrics(run_dir)
-  evals = evaluation.read_evals(run_dir) if (run_dir / "eval").is_dir() else []
-  if not config or not rows or not evals:
+  marker = run_status.finished(run_dir)
+  if marker is None:
     return None
-  last = rows[-1]
-  train = config.get("train", {})
-  at_max = train.get("max_steps", -1) > 0 and last["step"] >= train["max_steps"]
-  at_epochs = last.get("epoch", 0) >= train.get("num_epochs", math.inf) - 1e-9
-  if not (at_max or at_epochs) or evals[-1]["step"] != last["step"]:
-    return None
-  return evals[-1]
+  return read_json(run_dir / marker["eval"]) or {"step": marker["step"],
+                                                 "macro_f1": marker["macro_f1"],
+                                                 "accuracy": marker["accuracy"]}
 
 
 def _spec(config_path: pathlib.Path, base_arg: str, overrides: Sequence[str]) -> dict[str, Any]:
@@ -178,10 +181,10 @@ def variants_of(fusions: Sequence[str], samplings: Sequence[str],
   bad = [f for f in fusions if f not in FUSION_ORDER]
   bad += [s for s in samplings if s not in SAMPLING_ORDER]
   if bad:
-    raise AblationError(f"unknown variant names {bad}: fusions are {FUSION_ORDER}, sampling "
-                        f"modes {SAMPLING_ORDER}")
+    raise AblationUsageError(f"unknown variant names {bad}: fusions are {FUSION_ORDER}, "
+                             f"sampling modes {SAMPLING_ORDER}")
   if not (fusions and samplings and seeds):
-    raise AblationError("--sweep, --sampling and --seeds each need at least one value")
+    raise AblationUsageError("--sweep, --sampling and --seeds each need at least one value")
   return [Variant(f, s, int(k)) for f in fusions for s in samplings for k in seeds]
 
 
@@ -258,6 +261,10 @@ def _train_one(v: Variant, run_dir: pathlib.Path, cmd: Sequence[str], spec: dict
   t0 = time.monotonic()
   code = _run_child(cmd, run_dir / "train.log")
   seconds = time.monotonic() - t0
+  if code == errors.EXIT_PREEMPTED:
+    # Someone preempted the child itself: the machine is going away, so stop the sweep too.
+    _log(workdir, f"preempted {v.name} after {seconds:.0f} s (it saved a checkpoint)", say)
+    raise Stop()
   final = final_eval_if_complete(run_dir) if code == 0 else None
   if final is None:
     why = f"exit code {code}" if code else "exited without reaching its last step"

@@ -1,10 +1,10 @@
-"""Defaults of ``config.data``: the input pipeline, augmentation and resampling settings.
+"""Defaults of ``config.data``: the dataset, input pipeline, augmentation and resampling.
 
 Experiment configs start from `default_data_config()` and override keys. The defaults of
 ``augment.*`` and ``sampling.*`` are the field defaults of `augment.Augmenter` and
-`sampling.SamplingOptions`, written once there. Every key is read by
-`mfer_jax.data.pipeline` (reading, batching, workers), `mfer_jax.data.augment` (``augment.*``)
-or `mfer_jax.data.sampling` (``sampling.*``).
+`sampling.SamplingOptions`, written once there. Every key is read by `mfer_jax.data.sources`
+(``source``, ``data_dir``, ``tfds_*``), `mfer_jax.data.pipeline` (reading, batching, workers),
+`mfer_jax.data.augment` (``augment.*``) or `mfer_jax.data.sampling` (``sampling.*``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   """Returns the ``config.data`` ConfigDict with documented defaults.
 
   Keys:
+    source: where records come from (`mfer_jax.data.sources`): 'prepared' (``data_dir``,
+      written by ``python -m data_prep.build``) or 'tfds' (``tfds_name`` in ``tfds_data_dir``,
+      written by ``python -m data_prep.tfds_affwild2``). Both give the same batches.
     data_dir: prepared dataset directory (``metadata.json``, shards, split indexes).
+    tfds_name: TFDS dataset name, optionally with config and version
+      (``aff_wild2_expr/default/1.1.0``); data_prep/tfds_affwild2.py registers the default.
+    tfds_data_dir: TFDS data directory; '' = TFDS's default (``~/tensorflow_datasets``).
     face_size: side of the face crop the pipeline emits (uint8). Crops of another size are
       resized on decode; resizing to the model's input size happens on device.
     seed: seed of the data order and the augmentations (independent of the model's seed).
@@ -58,7 +64,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       latest validation F1 passed to ``TrainIterator.set_class_f1``; 0 = off.
   """
   c = ml_collections.ConfigDict()
+  c.source = constants.DATA_SOURCES[0]
   c.data_dir = ""
+  c.tfds_name = constants.TFDS_NAME
+  c.tfds_data_dir = ""
   c.face_size = constants.FACE_SIZE
   c.seed = 0
   c.batch_size = 64

@@ -33,9 +33,8 @@ import ml_collections
 import numpy as np
 
 from mfer_jax.data import augment
-from mfer_jax.data import reader as reader_lib
 from mfer_jax.data import sampling
-from mfer_jax.data import store
+from mfer_jax.data import sources
 
 STATE_VERSION = 1
 # Length of the (conceptually endless) train stream, in steps.
@@ -49,7 +48,7 @@ def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 class _TrainBatch:
   """Global step -> this process's block of the step's examples, read and augmented."""
 
-  def __init__(self, reader: reader_lib.SplitReader, sampler: sampling.EpochSampler,
+  def __init__(self, reader: sources.RecordReader, sampler: sampling.EpochSampler,
                augmenter: augment.Augmenter, *, global_batch: int, local_batch: int,
                process_index: int, seed: int):
     self._reader = reader
@@ -78,7 +77,7 @@ class _TrainBatch:
 class _EvalBatch:
   """Eval batch number -> this process's block; positions past the end are masked padding."""
 
-  def __init__(self, reader: reader_lib.SplitReader, record_ids: np.ndarray,
+  def __init__(self, reader: sources.RecordReader, record_ids: np.ndarray,
                video_id: np.ndarray, *, global_batch: int, local_batch: int,
                process_index: int):
     self._reader = reader
@@ -142,7 +141,7 @@ class TrainIterator:
   Close it (or use it as a context manager) to stop worker processes.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, reader: reader_lib.SplitReader,
+  def __init__(self, cfg: ml_collections.ConfigDict, reader: sources.RecordReader,
                sampler: sampling.EpochSampler, *, process_index: int, process_count: int):
     self._cfg = cfg
     self._reader = reader
@@ -274,8 +273,8 @@ class EvalPipeline:
     global_batch_size, local_batch_size: examples per global / per-process batch.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, reader: reader_lib.SplitReader,
-               index: store.SplitIndex, *, include_unlabelled: bool | None,
+  def __init__(self, cfg: ml_collections.ConfigDict, reader: sources.RecordReader,
+               index: sources.SplitSource, *, include_unlabelled: bool | None,
                process_index: int, process_count: int, max_examples: int = 0):
     self._cfg = cfg
     self.global_batch_size = int(cfg.eval_batch_size)
@@ -285,12 +284,13 @@ class EvalPipeline:
     if include_unlabelled is None:
       include_unlabelled = not labelled.any()   # the test split: predictions for every frame
     record_ids = np.arange(len(index)) if include_unlabelled else np.flatnonzero(labelled)
-    if 0 < max_examples < record_ids.size:
-      # Evenly spaced over the split, so every video contributes (a subset, e.g. of train).
-      record_ids = record_ids[np.linspace(0, record_ids.size - 1, max_examples).round()
-                              .astype(np.int64)]
     if record_ids.size == 0:
       raise ValueError(f"split {index.split!r} has no record to evaluate")
+    if 0 < max_examples < record_ids.size:
+      # An evenly spaced, fixed subset: every video contributes, and each evaluation of a
+      # run sees the same frames.
+      record_ids = record_ids[np.linspace(0, record_ids.size - 1, int(max_examples))
+                              .round().astype(np.int64)]
     self.num_examples = int(record_ids.size)
     self.num_batches = -(-self.num_examples // self.global_batch_size)
     self._fn = _EvalBatch(reader, record_ids, np.asarray(index.video_id, np.int32),
@@ -308,18 +308,18 @@ class EvalPipeline:
       it.close()
 
 
-def make_train_iterator(cfg: ml_collections.ConfigDict, index: store.SplitIndex, *,
+def make_train_iterator(cfg: ml_collections.ConfigDict, index: sources.SplitSource, *,
                         process_index: int | None = None,
                         process_count: int | None = None) -> TrainIterator:
   """The train pipeline of this process from ``config.data`` and the train split's index.
 
   Args:
     cfg: ``config.data`` (see `mfer_jax.data.config.default_data_config`).
-    index: the train split, from ``store.load_split(cfg.data_dir, "train")``.
+    index: the train split's source, from ``sources.load_split(cfg, "train")``.
     process_index, process_count: which part of each global batch this process reads;
       default jax.process_index() / jax.process_count() (tests pass them to simulate hosts).
   """
-  reader = reader_lib.SplitReader(index, cfg.face_size)
+  reader = index.open_reader(cfg.face_size)
   sampler = sampling.EpochSampler(index.label, index.video_id, index.frame,
                                   sampling.SamplingOptions.from_config(cfg.sampling),
                                   seed=int(cfg.seed))
@@ -327,7 +327,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, index: store.SplitIndex,
                        process_count=process_count)
 
 
-def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: store.SplitIndex, *,
+def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: sources.SplitSource, *,
                        include_unlabelled: bool | None = None,
                        process_index: int | None = None,
                        process_count: int | None = None,
@@ -336,14 +336,13 @@ def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: store.SplitIndex, 
 
   Args:
     cfg: ``config.data``; uses eval_batch_size, face_size and the worker settings.
-    index: the split to evaluate or predict, from `store.load_split`.
+    index: the split's source, to evaluate or predict, from `sources.load_split`.
     include_unlabelled: also emit label -1 records; default: only if the split has no
       labelled record at all (the test split).
     process_index, process_count: as in `make_train_iterator`.
-    max_examples: > 0 evaluates only that many of the selected records, evenly spaced over
-      the split (e.g. a train subset that shows memorisation at a fraction of the cost).
+    max_examples: 0 for every selected record; N > 0 for an evenly spaced subset of N.
   """
-  reader = reader_lib.SplitReader(index, cfg.face_size)
+  reader = index.open_reader(cfg.face_size)
   return EvalPipeline(cfg, reader, index, include_unlabelled=include_unlabelled,
                       process_index=process_index, process_count=process_count,
                       max_examples=max_examples)

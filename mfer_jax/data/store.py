@@ -71,7 +71,8 @@ def write_shard(path: str | os.PathLike, encoded_records: Iterable[bytes]) -> in
 
 @dataclasses.dataclass(frozen=True)
 class SplitIndex:
-  """What the pipeline needs to know about one split without reading records.
+  """What the pipeline needs to know about one split without reading records: the prepared
+  implementation of `mfer_jax.data.sources.SplitSource`, read by `reader.SplitReader`.
 
   Attributes:
     split: the split name.
@@ -99,6 +100,13 @@ class SplitIndex:
   @property
   def features(self) -> dict[str, Any]:
     return self.metadata["features"]
+
+  def open_reader(self, face_size: int):
+    """A `reader.SplitReader` of this split's shards (checks every shard's record count)."""
+    # Imported here: the reader pulls in Grain, which data_prep's workers never need (and it
+    # imports this module).
+    from mfer_jax.data import reader  # pylint: disable=g-import-not-at-top
+    return reader.SplitReader(self, face_size)
 
 
 def write_split_index(data_dir: str | os.PathLike, split: str, *, label, frame, video_id,

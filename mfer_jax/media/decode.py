@@ -138,6 +138,63 @@ def decode_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
       raise MediaError(f"{path}: video decoding failed ({e})") from e
 
 
+class TolerantFrames:
+  """Every video frame of a file as (1-based number, uint8 RGB [H, W, 3] or None), in order.
+
+  A packet that fails to decode stands for one unreadable frame (``None``), so the frame
+  count, and every later frame's time, stay right after a corrupt frame in the middle (unlike
+  `decode_frames`, which stops). Prediction and face tracking read videos this way:
+
+      frames = TolerantFrames(path)
+      for number, rgb in frames:
+        ...
+      frames.fps, frames.start_time, frames.num_frames, frames.unreadable
+
+  The attributes are complete once the iteration has finished; each iteration decodes the
+  file again.
+
+  Raises (while iterating):
+    MediaError: if the file cannot be opened, has no video stream or no decodable frame.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = str(path)
+    self.fps: fractions.Fraction | None = None
+    self.start_time = 0.0
+    self.num_frames = 0
+    self.unreadable: list[int] = []
+
+  def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
+    number, start, unreadable = 0, None, []
+    with open_media(self.path) as container:
+      stream = video_stream(container, self.path)
+      self.fps = frame_rate(stream, self.path)
+      for packet in container.demux(stream):
+        try:
+          decoded = packet.decode()
+        except av.error.FFmpegError:
+          if packet.size:                    # the empty flush packet is not a frame
+            number += 1
+            unreadable.append(number)
+            yield number, None
+          continue
+        for f in decoded:
+          number += 1
+          if start is None and f.time is not None:
+            start = float(f.time)
+          yield number, f.to_ndarray(format="rgb24")
+      try:
+        remaining = stream.decode(None)
+      except av.error.FFmpegError:
+        remaining = []
+      for f in remaining:
+        number += 1
+        yield number, f.to_ndarray(format="rgb24")
+    if number == 0:
+      raise MediaError(f"{self.path}: no video frame could be decoded")
+    self.start_time, self.num_frames, self.unreadable = start or 0.0, number, unreadable
+
+
 def decode_audio(path: str | os.PathLike,
                  video_start_time: float | None = None) -> tuple[np.ndarray, int]:
   """Decodes the whole first audio track as float32 mono (channel mean) at its own rate.

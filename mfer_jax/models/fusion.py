@@ -5,15 +5,23 @@ Variants are name-keyed (``config.model.fusion.name``) so ablations are a config
   visual_only  face tokens only
   audio_only   audio tokens only
   concat       pooled features concatenated
-  sum          pooled features added
+  sum          pooled features mixed with fixed equal weights (their mean)
   gated        adaptive modality weights on the pooled features, no cross-attention
   mfm          the Modal Fusion Module: L bidirectional cross-attention blocks, then the
-               adaptive modality weights (DESIGN.md §1)
+               adaptive modality weights (docs/method.md)
 
 Every variant returns ``(logits [B, classes], gates [B, 2])``; ``gates`` are the weights given
-to (visual, audio) and sum to 1. Fixed-weight variants report their fixed split, so gate
-statistics are comparable across an ablation. A modality that is unavailable for an example
-(no face crop, or blanked by modality dropout) gets weight 0 and its tokens are zeroed.
+to (visual, audio) and sum to 1. A modality that is unavailable for an example (no face crop,
+or blanked by modality dropout) gets weight 0 and its tokens are zeroed. For ``gated``,
+``mfm`` and ``sum`` the head sees exactly ``gates[:, 0] * visual + gates[:, 1] * audio``:
+``sum`` has fixed gates (1/2 each, or 1 for the only available modality), learned ones
+otherwise. ``concat`` has no mixing weights (the head sees both features side by side); its
+gates are the same fixed availability split, reported so gate statistics line up across an
+ablation. The single-modality variants report 1 for their modality.
+
+All parts are `mfer_jax.models.layers` primitives and follow the model's precision policy:
+matmul operands in the compute dtype, float32 accumulation, and a float32 residual stream,
+LayerNorm, softmax and gates, as in the encoders.
 """
 
 from __future__ import annotations
@@ -25,8 +33,41 @@ from ml_collections import ConfigDict
 
 from mfer_jax import sharding
 from mfer_jax.constants import FUSION_VARIANTS
-from mfer_jax.models import fusion_layers as L
+from mfer_jax.models import layers
+from mfer_jax.models.layers import FLOAT32, Precision
 
+LN_EPS = 1e-5
+
+
+class BidirectionalBlock(nnx.Module):
+  """One pre-LN fusion block: each modality attends to the other, then its own MLP.
+
+  Both directions read the *input* streams, so neither modality sees the other's update from
+  the same block: the block is symmetric in its two inputs.
+  """
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout_rate: float, *,
+               precision: Precision = FLOAT32, rngs: nnx.Rngs):
+    kw = dict(precision=precision, rngs=rngs)
+    norm = lambda: layers.LayerNorm(dim, eps=LN_EPS, param_dtype=precision.param)  # noqa: E731
+    hidden = int(dim * mlp_ratio)
+    self.dropout_rate = dropout_rate
+    self.norm_v, self.norm_a = norm(), norm()
+    self.v_from_a = layers.MultiHeadAttention(dim, num_heads, cross=True, **kw)
+    self.a_from_v = layers.MultiHeadAttention(dim, num_heads, cross=True, **kw)
+    self.norm_v2, self.norm_a2 = norm(), norm()
+    self.ffn_v = layers.Mlp(dim, hidden, **kw)
+    self.ffn_a = layers.Mlp(dim, hidden, **kw)
+
+  def __call__(self, v: jax.Array, a: jax.Array, rngs: nnx.Rngs | None = None):
+    """v: [B, Nv, D], a: [B, Na, D] -> the updated (v, a), float32."""
+    drop = lambda y: layers.dropout(y, self.dropout_rate, rngs)  # noqa: E731
+    nv, na = self.norm_v(v), self.norm_a(a)
+    v = v + drop(self.v_from_a(nv, na))
+    a = a + drop(self.a_from_v(na, nv))
+    v = v + drop(self.ffn_v(self.norm_v2(v)))
+    a = a + drop(self.ffn_a(self.norm_a2(a)))
+    return v, a
 
 
 class Fusion(nnx.Module):
@@ -38,49 +79,45 @@ class Fusion(nnx.Module):
     visual_dim: channels of the visual token grid (0 if there is no visual encoder).
     audio_dim: channels of the audio token grid (0 if there is no audio encoder).
     num_classes: size of the head.
+    precision: the model's `layers.Precision`.
+    remat: rematerialisation of each fusion block (`layers.REMAT_POLICIES`).
   """
 
   def __init__(self, cfg: ConfigDict, visual_dim: int, audio_dim: int, num_classes: int, *,
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               rngs: nnx.Rngs, precision: Precision = FLOAT32, remat: str = "none"):
     if cfg.name not in FUSION_VARIANTS:
       raise ValueError(f"unknown fusion {cfg.name!r}; choose one of {FUSION_VARIANTS}")
     self.name = cfg.name
     self.dropout_rate = float(cfg.dropout)
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.remat = layers.check_remat(remat)
+    kw = dict(precision=precision, rngs=rngs)
     d = cfg.dim
-    self.proj_v = L.dense(visual_dim, d, ("embed", None), **kw) if visual_dim else None
-    self.proj_a = L.dense(audio_dim, d, ("embed", None), **kw) if audio_dim else None
+    norm = lambda: layers.LayerNorm(d, eps=LN_EPS, param_dtype=precision.param)  # noqa: E731
+    self.proj_v = layers.Dense(visual_dim, d, ("embed", None), **kw) if visual_dim else None
+    self.proj_a = layers.Dense(audio_dim, d, ("embed", None), **kw) if audio_dim else None
     if self.name == "mfm":
       # Learned modality embeddings tell the shared-width streams apart.
-      init = nnx.with_partitioning(nnx.initializers.truncated_normal(0.02), (None, "embed"))
-      self.modality_embed = nnx.Param(init(rngs.params(), (2, d), param_dtype))
+      self.modality_embed = layers.param(layers.trunc_normal, (None, "embed"), rngs.params(),
+                                         (2, d), precision.param)
       self.blocks = nnx.List([
-          L.BidirectionalBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, **kw)
+          BidirectionalBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, **kw)
           for _ in range(cfg.num_layers)])
-    self.norm_v = L.layer_norm(d, rngs=rngs) if visual_dim else None
-    self.norm_a = L.layer_norm(d, rngs=rngs) if audio_dim else None
+    self.norm_v = norm() if visual_dim else None
+    self.norm_a = norm() if audio_dim else None
+    # EXPERIMENT (docs/demo_experiments.md): how the gated pooled features reach the head.
     self.combine = cfg.get("combine", "sum") if self.name in ("gated", "mfm") else None
-    self.gate_kind = cfg.get("gate", "softmax")
-    self.pool = cfg.get("pool", "mean")
-    if self.pool == "attention":
-      init = nnx.with_partitioning(nnx.initializers.truncated_normal(0.02), (None, "embed"))
-      self.pool_query = nnx.Param(init(rngs.params(), (2, d), param_dtype))
-    if self.name in ("gated", "mfm"):
-      self.gate_fc1 = L.dense(2 * d, cfg.gate_hidden, ("embed", "mlp"), **kw)
-      self.gate_fc2 = L.dense(cfg.gate_hidden, 2, ("mlp", None), **kw)
-      bias = float(cfg.get("gate_bias", 0.0))
-      if bias:
-        self.gate_fc2.bias[...] = jnp.full((2,), bias, param_dtype)
+    self.learned_gates = self.name in ("gated", "mfm") and cfg.get("gate", "softmax") == "softmax"
+    if self.learned_gates:
+      self.gate_fc1 = layers.Dense(2 * d, cfg.gate_hidden, ("embed", "mlp"), **kw)
+      self.gate_fc2 = layers.Dense(cfg.gate_hidden, 2, ("mlp", None), **kw)
     head_in = 2 * d if self.name == "concat" or self.combine == "concat" else d
-    self.head = L.dense(head_in, num_classes, ("embed", "classes"), **kw)
+    self.head = layers.Dense(head_in, num_classes, ("embed", "classes"), **kw)
 
   def _gates(self, pv, pa, avail):
     """Softmax over per-modality gate logits; unavailable modalities get weight 0."""
-    if self.name in ("gated", "mfm") and self.gate_kind != "none":
+    if self.learned_gates:
       h = jax.nn.gelu(self.gate_fc1(jnp.concatenate([pv, pa], -1)), approximate=False)
-      logits = self.gate_fc2(h).astype(jnp.float32)
-      if self.gate_kind == "sigmoid":
-        return jax.nn.sigmoid(logits) * avail
+      logits = self.gate_fc2(h)
     elif self.name in ("visual_only", "audio_only"):
       # A single-modality model trusts its one modality by construction, face or no face.
       one = jnp.asarray([1.0, 0.0] if self.name == "visual_only" else [0.0, 1.0])
@@ -91,14 +128,6 @@ class Fusion(nnx.Module):
     none = ~avail.any(-1, keepdims=True)
     logits = jnp.where(avail | none, logits, -1e9)
     return jax.nn.softmax(logits, axis=-1)
-
-  def _pool(self, x, modality: int):
-    if self.pool == "mean":
-      return x.mean(axis=1)
-    q = self.pool_query[...][modality].astype(x.dtype)
-    w = jax.nn.softmax(jnp.einsum("bnd,d->bn", x, q, preferred_element_type=jnp.float32)
-                       * x.shape[-1] ** -0.5, axis=-1).astype(x.dtype)
-    return jnp.einsum("bn,bnd->bd", w, x)
 
   def __call__(self, v_tokens: jax.Array | None, a_tokens: jax.Array | None,
                avail: jax.Array, *, rngs: nnx.Rngs | None = None):
@@ -115,35 +144,33 @@ class Fusion(nnx.Module):
     """
     v = a = None
     if v_tokens is not None:
-      v = self.proj_v(v_tokens) * avail[:, 0, None, None].astype(v_tokens.dtype)
+      v = self.proj_v(v_tokens) * avail[:, 0, None, None]
     if a_tokens is not None:
-      a = self.proj_a(a_tokens) * avail[:, 1, None, None].astype(a_tokens.dtype)
+      a = self.proj_a(a_tokens) * avail[:, 1, None, None]
     if self.name == "mfm":
-      emb = self.modality_embed[...].astype(v.dtype)
+      emb = self.modality_embed[...].astype(jnp.float32)
       v, a = v + emb[0], a + emb[1]
+      block_call = layers.remat(BidirectionalBlock.__call__, self.remat)
       for block in self.blocks:
         v = sharding.constrain(v, ("batch", None, "embed"))
         a = sharding.constrain(a, ("batch", None, "embed"))
-        v, a = block(v, a, rngs=rngs)
-    pv = self.norm_v(self._pool(v, 0)).astype(v.dtype) if v is not None else None
-    pa = self.norm_a(self._pool(a, 1)).astype(a.dtype) if a is not None else None
+        v, a = block_call(block, v, a, rngs)
+    pv = self.norm_v(v.mean(axis=1)) if v is not None else None
+    pa = self.norm_a(a.mean(axis=1)) if a is not None else None
     if pv is None:
       pv = jnp.zeros_like(pa)
     if pa is None:
       pa = jnp.zeros_like(pv)
     # Zero an unavailable modality's pooled feature too: LayerNorm's bias would leak a constant.
-    pv = pv * avail[:, 0, None].astype(pv.dtype)
-    pa = pa * avail[:, 1, None].astype(pa.dtype)
+    pv = pv * avail[:, 0, None]
+    pa = pa * avail[:, 1, None]
     gates = self._gates(pv, pa, avail)
     if self.name == "concat":
       fused = jnp.concatenate([pv, pa], axis=-1)
     elif self.combine == "concat":
       # Each modality keeps its own head weights; the gates scale them (x2: equal gates = 1).
-      fused = jnp.concatenate([2 * gates[:, :1].astype(pv.dtype) * pv,
-                               2 * gates[:, 1:].astype(pa.dtype) * pa], axis=-1)
-    elif self.name == "sum":
-      fused = pv + pa
+      fused = jnp.concatenate([2 * gates[:, :1] * pv, 2 * gates[:, 1:] * pa], axis=-1)
     else:
-      fused = gates[:, :1].astype(pv.dtype) * pv + gates[:, 1:].astype(pa.dtype) * pa
-    fused = L.dropout(fused, self.dropout_rate, rngs)
-    return self.head(fused).astype(jnp.float32), gates
+      fused = gates[:, :1] * pv + gates[:, 1:] * pa
+    fused = layers.dropout(fused, self.dropout_rate, rngs)
+    return self.head(fused), gates

@@ -1,17 +1,20 @@
-"""Two-operand einsum for the Swin layers: float32, or bf16-in / f32-out for AMX CPUs.
+"""The ``cpu_amx`` matmul path: bf16-in / f32-out in both passes, in layouts XLA:CPU runs on AMX.
 
-float32 is a plain ``jnp.einsum`` with JAX's autodiff: on this machine (DESIGN.md §6) that was
-measured fastest, XLA choosing layouts itself.
+An implementation detail of `mfer_jax.models.layers.einsum`, which chooses it when
+``model.precision.matmul`` resolves to ``cpu_amx`` and the compute dtype is bfloat16. Models
+never call it directly.
 
-With a low-precision ``dtype`` (bfloat16) both passes keep bf16 operands and float32
+Why it exists: with bf16 operands both passes should keep bf16 operands and float32
 accumulation (``preferred_element_type``), which is what runs on AMX; JAX's own transpose of a
-mixed dot emits float32 matmuls. The hand-written VJP also fixes the layout of every dot:
-XLA:CPU's fast YNNPACK kernels take a left operand that contracts over its trailing dims, and
-a bf16 dot that does not fit is upcast to float32 and run by a slow generic kernel, or fails
-at run time ("Unsupported element type for DotThunk: BF16 x BF16 = F32"). Gradients such as
-``dW = x^T g`` or the attention ``dK = dS^T Q`` are such dots, so `_dot` transposes an operand
-explicitly (choosing the cheaper one) behind an optimisation barrier that stops XLA from
-folding the transpose back into the dot.
+mixed dot takes the float32 cotangent and so emits float32 matmuls. The hand-written VJP also
+fixes the layout of every dot: XLA:CPU's fast YNNPACK kernels take a left operand that
+contracts over its trailing dims, and a bf16 dot that does not fit is upcast to float32 and run
+by a slow generic kernel, or fails at run time ("Unsupported element type for DotThunk: BF16 x
+BF16 = F32"). Gradients such as ``dW = x^T g`` or the attention ``dK = dS^T Q`` are such dots,
+so `_dot` transposes an operand explicitly (choosing the cheaper one) behind an optimisation
+barrier that stops XLA from folding the transpose back into the dot. Those barriers also stop
+GPU and TPU compilers from choosing layouts, which is why the portable ``xla`` path has none
+(docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -24,27 +27,30 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-  """``jnp.einsum(spec, a, b)`` with operands in ``dtype``, accumulated and returned in f32.
+def check_spec(spec: str) -> None:
+  """Raises ValueError unless every index of an operand is in the other operand or the output.
 
-  Args:
-    spec: ``"ab,bc->ac"`` style, no ellipsis or repeated indices; every index of an operand
-      must appear in the other operand or in the output (dense layers and attention).
-    a: first operand, any float dtype; its gradient comes back in its dtype.
-    b: second operand, likewise.
-    dtype: compute dtype of the products (float32, or bfloat16 for AMX).
-
-  Returns:
-    The product in float32.
+  An index summed within one operand would make its gradient a broadcast, not a dot.
   """
   ins, out = spec.split("->")
   sa, sb = ins.split(",")
   for s, other in ((sa, sb), (sb, sa)):
     lost = [c for c in s if c not in other and c not in out]
-    if lost:  # its gradient would be a broadcast, not a dot
+    if lost:
       raise ValueError(f"einsum {spec!r}: index {lost[0]!r} is summed within one operand")
-  if jnp.dtype(dtype) == jnp.float32:
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def cpu_amx_einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+  """``einsum(spec, a, b)`` with ``dtype`` operands and float32 results, in both passes.
+
+  Args:
+    spec: as `mfer_jax.models.layers.einsum` (checked there).
+    a, b: operands of any float dtype; their gradients come back in their dtypes.
+    dtype: the low-precision operand dtype (bfloat16).
+
+  Returns:
+    The product in float32.
+  """
   return _einsum(spec, jnp.dtype(dtype), a, b)
 
 

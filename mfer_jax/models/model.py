@@ -13,19 +13,15 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from mfer_jax.models import fusion as fusion_lib
+from mfer_jax.models import layers
+from mfer_jax.models import normalisation
 from mfer_jax.models import swin
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _normalise(x: jax.Array, channels: int) -> jax.Array:
-  """ImageNet mean/std; a 1-channel input uses the channel means, matching a summed kernel."""
-  mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
-  if channels == 1:
-    mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
-  return (x - mean) / std
+  """ImageNet mean/std for 3 channels, one grey mean/std for 1 (`models.normalisation`)."""
+  mean, std = normalisation.input_stats(channels)
+  return (x - jnp.asarray(mean)) / jnp.asarray(std)
 
 
 def face_to_input(face: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -40,7 +36,8 @@ def mel_to_input(mel: jax.Array, size: tuple[int, int], channels: int) -> jax.Ar
   """uint8 log-mel [B, n_mels, T] -> normalised float32 [B, H, W, channels].
 
   Mel bins run along the image height and time along the width, like the authors' rendered
-  spectrogram images; ``channels=3`` repeats the map as they did.
+  spectrogram images; ``channels=3`` repeats the map as they did, ``channels=1`` feeds it once
+  (a 3-channel init file is folded into it exactly, see `models.normalisation`).
   """
   x = mel.astype(jnp.float32)[..., None] / 255.0
   if x.shape[1:3] != tuple(size):
@@ -57,32 +54,35 @@ class ExpressionModel(nnx.Module):
   """Face Swin + audio Swin + fusion + 8-class head.
 
   Args:
-    cfg: ``config.model`` (see configs/abaw.py): num_classes, dtype, image, audio, fusion,
-      modality_dropout.
+    cfg: ``config.model`` (see `mfer_jax.config_lib`): num_classes, precision, remat, image,
+      audio, fusion, modality_dropout.
     rngs: parameter RNGs.
+    precision: overrides ``cfg.precision`` (the planner resolves ``matmul="auto"`` for the
+      accelerator it plans for, not for the CPU it compiles on).
+
+  Attributes:
+    precision: the resolved `layers.Precision` every part uses.
   """
 
-  def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
-    if cfg.dtype not in DTYPES:
-      raise ValueError(f"model.dtype {cfg.dtype!r}: choose one of {sorted(DTYPES)}")
-    dtype = DTYPES[cfg.dtype]
+  def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs,
+               precision: layers.Precision | None = None):
+    self.precision = precision or layers.Precision.from_config(cfg.precision)
+    kw = dict(rngs=rngs, precision=self.precision, remat=cfg.remat)
     name = cfg.fusion.name
     self.image_size = tuple(cfg.image.img_size)
     self.audio_size = tuple(cfg.audio.img_size)
     self.audio_chans = int(cfg.audio.in_chans)
     self.modality_dropout = float(cfg.modality_dropout)
     # Single-modality ablations do not build (or pay for) the other encoder.
-    self.image_encoder = (swin.SwinTransformer(encoder_config(cfg.image, 3), rngs=rngs,
-                                               dtype=dtype)
+    self.image_encoder = (swin.SwinTransformer(encoder_config(cfg.image, 3), **kw)
                           if name != "audio_only" else None)
-    self.audio_encoder = (swin.SwinTransformer(encoder_config(cfg.audio, self.audio_chans),
-                                               rngs=rngs, dtype=dtype)
+    self.audio_encoder = (swin.SwinTransformer(encoder_config(cfg.audio, self.audio_chans), **kw)
                           if name != "visual_only" else None)
     self.fusion = fusion_lib.Fusion(
         cfg.fusion,
         self.image_encoder.num_features if self.image_encoder else 0,
         self.audio_encoder.num_features if self.audio_encoder else 0,
-        cfg.num_classes, rngs=rngs, dtype=dtype)
+        cfg.num_classes, **kw)
 
   def _availability(self, has_face: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     """bool [B, 2]: (visual, audio) available; modality dropout blanks one of them."""

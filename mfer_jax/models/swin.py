@@ -27,11 +27,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mfer_jax import sharding
+from mfer_jax.models import layers
 from mfer_jax.models import swin_layers as L
+from mfer_jax.models.layers import FLOAT32, Precision
 
 # name -> (embed_dim, depths, num_heads). The test sizes keep two blocks per stage so the
 # shifted-window path is exercised.
@@ -140,9 +141,10 @@ class SwinStage(nnx.Module):
   """Optional patch merging (stages 1..), then the blocks, alternating plain and shifted."""
 
   def __init__(self, cfg: SwinConfig, index: int, drop_paths: list[float], *,
-               rngs: nnx.Rngs, dtype, param_dtype):
+               precision: Precision, remat: str, rngs: nnx.Rngs):
     dim = cfg.stage_dims[index]
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.remat = layers.check_remat(remat)
+    kw = dict(rngs=rngs, precision=precision)
     self.downsample = (L.PatchMerging(cfg.stage_dims[index - 1], dim, **kw)
                        if index > 0 else None)
     window, shift = cfg.stage_windows()[index]
@@ -156,8 +158,9 @@ class SwinStage(nnx.Module):
   def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     if self.downsample is not None:
       x = sharding.constrain(self.downsample(x), ("batch", None, None, "embed"))
+    block_call = layers.remat(L.SwinBlock.__call__, self.remat)
     for block in self.blocks:
-      x = block(x, rngs)
+      x = block_call(block, x, rngs)
     return x
 
 
@@ -170,16 +173,16 @@ class SwinTransformer(nnx.Module):
     grid_size: final token grid (H/32, W/32 for four stages and patch 4, rounded up).
   """
 
-  def __init__(self, cfg: SwinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+  def __init__(self, cfg: SwinConfig, *, rngs: nnx.Rngs, precision: Precision = FLOAT32,
+               remat: str = "none"):
     """Builds the encoder with timm's initialisation.
 
     Args:
       cfg: architecture, usually from `swin_config`.
       rngs: needs a ``params`` stream.
-      dtype: compute dtype of the matmuls (float32, or bfloat16 for bf16-in / f32-out);
-        LayerNorm, softmax and the residual stream stay float32.
-      param_dtype: storage dtype of the params.
+      precision: matmul operand dtype, param dtype and matmul path (`layers.Precision`);
+        LayerNorm, softmax and the residual stream are float32 whatever it says.
+      remat: rematerialisation of each Swin block, one of `layers.REMAT_POLICIES`.
     """
     self.cfg = cfg
     self.num_features = cfg.stage_dims[-1]
@@ -187,13 +190,14 @@ class SwinTransformer(nnx.Module):
     total = sum(cfg.depths)
     # timm: linear from 0 to the rate over all blocks (calculate_drop_path_rates).
     rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.patch_embed = L.PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, **kw)
+    self.patch_embed = L.PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim,
+                                    precision=precision, rngs=rngs)
     self.layers = nnx.List([
-        SwinStage(cfg, i, rates[sum(cfg.depths[:i]):sum(cfg.depths[:i + 1])], **kw)
+        SwinStage(cfg, i, rates[sum(cfg.depths[:i]):sum(cfg.depths[:i + 1])],
+                  precision=precision, remat=remat, rngs=rngs)
         for i in range(len(cfg.depths))
     ])
-    self.norm = L.LayerNorm(self.num_features, rngs=rngs, param_dtype=param_dtype)
+    self.norm = layers.LayerNorm(self.num_features, eps=L.LN_EPS, param_dtype=precision.param)
 
   def __call__(self, x: jax.Array, *,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:

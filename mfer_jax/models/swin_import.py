@@ -13,8 +13,10 @@ Mapping, following timm's ``checkpoint_filter_fn``:
   * Linear weights are transposed to [in, out]; the patch conv goes OIHW -> HWIO.
   * A relative-position table for another window size is resized with timm's own method
     (``resize_rel_pos_bias_table``: geometric-progression source grid, bilinear per head).
-  * A 3-channel patch kernel loaded into a 1-channel model (spectrograms) is summed over the
-    input channels, which gives the same embedding as a grey image repeated three times.
+  * A 3-channel patch embedding loaded into a 1-channel model (spectrograms) is folded into
+    one channel together with the input normalisation (`normalisation.fold_rgb_patch_embed`),
+    so the 1-channel model computes exactly what the 3-channel one computes on the grey
+    image repeated three times.
 
 Our converted files (see `save_params` and ``python -m mfer_jax.tools.convert``) hold flat
 '/'-joined param paths and load through the same function, with the same adaptations.
@@ -33,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from mfer_jax import errors, files
+from mfer_jax.models import normalisation
 from mfer_jax.models import swin
 
 Params = dict[str, np.ndarray]
@@ -131,10 +134,11 @@ def _to_ours(path: str, value: np.ndarray) -> np.ndarray:
 
 def _timm_layout(sd: Params) -> Params:
   """Drops buffers and head, and moves Microsoft-style downsample keys to timm 1.x places."""
+  # DataParallel / DDP wrappers prefix every key; strip it before telling the layouts apart.
+  sd = {k.removeprefix("module."): v for k, v in sd.items()}
   microsoft = "layers.0.downsample.reduction.weight" in sd
   out = {}
   for k, v in sd.items():
-    k = k.removeprefix("module.")  # DataParallel / DDP wrappers
     if any(b in k for b in _BUFFERS) or k.startswith("head."):
       continue
     if microsoft:
@@ -230,14 +234,22 @@ def _bracket(points: np.ndarray, x: np.ndarray):
 
 def _adapt(path: str, value: np.ndarray, want: tuple[int, ...],
            windows: dict[int, tuple[int, int]]) -> np.ndarray:
-  """Resizes bias tables and folds RGB patch kernels to fewer channels where needed."""
+  """Resizes relative-position bias tables to the target windows where needed."""
   if path.endswith("relative_position_bias_table"):
     window = windows[int(path.split("/")[1])]
     if value.shape != want or window[0] != window[1]:
       value = resize_rel_pos_table(value, window)
-  elif path == "patch_embed/kernel" and value.shape != want and want[2] == 1:
-    value = value.sum(axis=2, keepdims=True)
   return value
+
+
+def _fold_to_grey(params: Params, want: Mapping[str, tuple[int, ...]]) -> None:
+  """Folds an RGB patch embedding into a 1-channel model's kernel and bias, in place."""
+  kernel, bias = params.get("patch_embed/kernel"), params.get("patch_embed/bias")
+  if (kernel is None or bias is None or kernel.ndim != 4 or kernel.shape[2] != 3
+      or want["patch_embed/kernel"][2] != 1):
+    return
+  params["patch_embed/kernel"], params["patch_embed/bias"] = (
+      normalisation.fold_rgb_patch_embed(kernel, bias))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -274,9 +286,11 @@ def load_swin_params(path: str, cfg: swin.SwinConfig) -> Params:
       missing.append(name[p])
       continue
     value = source[name[p]] if ours else _to_ours(p, source[name[p]])
-    value = _adapt(p, value, shape, windows)
-    if value.shape != shape:
-      bad.append(f"{name[p]} {tuple(source[name[p]].shape)} (model wants {shape})")
+    params[p] = _adapt(p, value, shape, windows)
+  _fold_to_grey(params, want)
+  for p, value in params.items():
+    if value.shape != want[p]:
+      bad.append(f"{name[p]} {tuple(source[name[p]].shape)} (model wants {want[p]})")
     params[p] = np.asarray(value, np.float32)
   unexpected = sorted(set(source) - set(name.values()))
   if missing or unexpected or bad:

@@ -1,4 +1,4 @@
-"""Building blocks of the Swin Transformer (see `mfer_jax.models.swin`).
+"""Swin-specific layers (see `mfer_jax.models.swin`); the generic ones come from `layers`.
 
 Each layer computes what its namesake in timm 1.0.31 (``timm/models/swin_transformer.py``)
 computes, so that timm checkpoints import with transposes only. Differences in form, not in
@@ -8,15 +8,13 @@ result:
   windows into the batch) so the shift mask broadcasts without reshapes.
 * The relative-position index and the shift mask are numpy constants built from static shapes
   at trace time (cached), not buffers or params: they never enter the state or a checkpoint.
-* All matmuls go through `mfer_jax.models.matmul.einsum`: float32, or bf16-in / f32-out in
-  both passes with a low-precision ``dtype``, in layouts XLA:CPU runs fast.
-* LayerNorm, softmax and GELU always run in float32.
+* Matmuls, LayerNorm, MLP and attention are `mfer_jax.models.layers` primitives, so they
+  follow the model's `layers.Precision` (LayerNorm, softmax and GELU always float32).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,69 +22,11 @@ import numpy as np
 from flax import nnx
 
 from mfer_jax import sharding
-from mfer_jax.models.matmul import einsum
+from mfer_jax.models import layers
+from mfer_jax.models.layers import FLOAT32, Precision
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which the pretrained weights were trained with.
 MASK_VALUE = -100.0  # timm's value for cross-region pairs in shifted windows (not -inf).
-
-# timm's trunc_normal_(std=.02) truncates at absolute +-2, i.e. +-100 std.
-_trunc_normal = nnx.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
-_zeros = nnx.initializers.zeros_init()
-_ones = nnx.initializers.ones_init()
-
-
-def _param(init, names: Sequence[str | None], key, shape, dtype) -> nnx.Param:
-  return nnx.Param(nnx.with_partitioning(init, tuple(names))(key, shape, dtype))
-
-
-# ----------------------------------------------------------------------------- basic layers
-
-
-class Dense(nnx.Module):
-  """``y = x @ kernel + bias`` over the last axis; kernel is [in, out] (torch weight.T)."""
-
-  def __init__(self, din: int, dout: int, names: tuple[str | None, str | None], *,
-               use_bias: bool = True, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
-    self.kernel = _param(_trunc_normal, names, rngs.params(), (din, dout), param_dtype)
-    self.bias = (_param(_zeros, names[1:], rngs.params(), (dout,), param_dtype)
-                 if use_bias else None)
-    self.dtype = dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...]
-    y = einsum("mi,io->mo", x.reshape(-1, kernel.shape[0]), kernel, self.dtype)
-    y = y.reshape(*x.shape[:-1], kernel.shape[1])
-    return y if self.bias is None else y + self.bias[...]
-
-
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis, computed in float32 (two-pass variance, like torch)."""
-
-  def __init__(self, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
-    del rngs  # ones/zeros need no randomness; the argument keeps constructors uniform
-    self.scale = nnx.Param(nnx.with_partitioning(_ones, ("embed",))(None, (dim,), param_dtype))
-    self.bias = nnx.Param(nnx.with_partitioning(_zeros, ("embed",))(None, (dim,), param_dtype))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    xc = x - mean
-    var = jnp.mean(jnp.square(xc), -1, keepdims=True)
-    y = xc * jax.lax.rsqrt(var + LN_EPS)
-    return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-
-
-def drop_path(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
-  """Stochastic depth: zeroes whole examples of a residual branch, rescales the rest.
-
-  Active only when ``rngs`` is given (training); ``None`` is the deterministic path.
-  """
-  if rngs is None or rate == 0.0:
-    return x
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return x * (mask.astype(x.dtype) / keep)
 
 
 # ----------------------------------------------------------------------------- window constants
@@ -140,52 +80,31 @@ def merge_windows(x: jax.Array, window: tuple[int, int], size: tuple[int, int]) 
 # ----------------------------------------------------------------------------- Swin layers
 
 
-class WindowAttention(nnx.Module):
-  """Multi-head self-attention inside each window, with a learned relative-position bias."""
+class WindowAttention(layers.MultiHeadAttention):
+  """Multi-head self-attention inside each window, plus a learned relative-position bias.
+
+  Params: ``qkv`` and ``proj`` (from `layers.MultiHeadAttention`) and
+  ``relative_position_bias_table`` [(2Wh-1)(2Ww-1), heads], as in timm.
+  """
 
   def __init__(self, dim: int, num_heads: int, window: tuple[int, int], *, qkv_bias: bool,
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-    self.num_heads = num_heads
+               precision: Precision = FLOAT32, rngs: nnx.Rngs):
+    super().__init__(dim, num_heads, qkv_bias=qkv_bias, precision=precision, rngs=rngs)
     self.window = window
-    self.dtype = dtype
     table = ((2 * window[0] - 1) * (2 * window[1] - 1), num_heads)
     # Replicated: it is tiny and its heads dimension rarely divides a mesh axis.
-    self.relative_position_bias_table = _param(_trunc_normal, (None, None), rngs.params(),
-                                               table, param_dtype)
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.qkv = Dense(dim, 3 * dim, ("embed", "heads"), use_bias=qkv_bias, **kw)
-    self.proj = Dense(dim, dim, ("heads", "embed"), **kw)
+    self.relative_position_bias_table = layers.param(layers.trunc_normal, (None, None),
+                                                     rngs.params(), table, precision.param)
 
-  def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
     """x: [B, num_windows, N, C]; mask: [num_windows, N, N] or None. Returns the same shape."""
-    b, nw, n, c = x.shape
-    h = self.num_heads
-    # Heads next to the batch dims, as timm's permute: every attention dot (and its
-    # gradients) then has leading batch dims, the layout XLA:CPU's bf16 dots support.
-    qkv = self.qkv(x).reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)
-    q, k, v = qkv[0] * (c // h) ** -0.5, qkv[1], qkv[2]
-    attn = einsum("bwhnd,bwhmd->bwhnm", q, k, self.dtype).astype(jnp.float32)
+    n, h = x.shape[2], self.num_heads
     index = relative_position_index(self.window).reshape(-1)
     bias = self.relative_position_bias_table[...][index].reshape(n, n, h).transpose(2, 0, 1)
-    attn = attn + bias.astype(jnp.float32)
+    bias = bias.astype(jnp.float32)  # [heads, N, N]
     if mask is not None:
-      attn = attn + mask[:, None]
-    attn = jax.nn.softmax(attn, axis=-1)
-    out = einsum("bwhnm,bwhmd->bwhnd", attn, v, self.dtype)
-    return self.proj(out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c))
-
-
-class Mlp(nnx.Module):
-  """fc1 -> exact (erf) GELU -> fc2, as timm's Mlp with nn.GELU."""
-
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.fc1 = Dense(dim, hidden, ("embed", "mlp"), **kw)
-    self.fc2 = Dense(hidden, dim, ("mlp", "embed"), **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x).astype(jnp.float32), approximate=False))
+      bias = bias + mask[:, None]    # [num_windows, heads, N, N]
+    return super().__call__(x, bias=bias)
 
 
 class SwinBlock(nnx.Module):
@@ -198,17 +117,18 @@ class SwinBlock(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, resolution: tuple[int, int],
                window: tuple[int, int], shift: tuple[int, int], *, mlp_ratio: float,
-               qkv_bias: bool, drop_path: float, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               qkv_bias: bool, drop_path: float, precision: Precision = FLOAT32,
+               rngs: nnx.Rngs):
     self.resolution = resolution
     self.window = window
     self.shift = shift
     self.drop_path = drop_path
-    kw = dict(rngs=rngs, param_dtype=param_dtype)
-    self.norm1 = LayerNorm(dim, **kw)
-    self.attn = WindowAttention(dim, num_heads, window, qkv_bias=qkv_bias, dtype=dtype, **kw)
-    self.norm2 = LayerNorm(dim, **kw)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, **kw)
+    kw = dict(eps=LN_EPS, param_dtype=precision.param)
+    self.norm1 = layers.LayerNorm(dim, **kw)
+    self.attn = WindowAttention(dim, num_heads, window, qkv_bias=qkv_bias,
+                                precision=precision, rngs=rngs)
+    self.norm2 = layers.LayerNorm(dim, **kw)
+    self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), precision=precision, rngs=rngs)
 
   def _attend(self, x: jax.Array) -> jax.Array:
     _, h, w, _ = x.shape
@@ -228,9 +148,9 @@ class SwinBlock(nnx.Module):
     return x
 
   def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    x = x + drop_path(self._attend(self.norm1(x)), self.drop_path, rngs)
+    x = x + layers.drop_path(self._attend(self.norm1(x)), self.drop_path, rngs)
     x = sharding.constrain(x, ("batch", None, None, "embed"))
-    x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, rngs)
+    x = x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, rngs)
     return sharding.constrain(x, ("batch", None, None, "embed"))
 
 
@@ -242,11 +162,11 @@ class PatchMerging(nnx.Module):
   order of the original Microsoft code, so both checkpoints import unchanged.
   """
 
-  def __init__(self, dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
-    self.norm = LayerNorm(4 * dim, rngs=rngs, param_dtype=param_dtype)
-    self.reduction = Dense(4 * dim, out_dim, (None, "embed"), use_bias=False, rngs=rngs,
-                           dtype=dtype, param_dtype=param_dtype)
+  def __init__(self, dim: int, out_dim: int, *, precision: Precision = FLOAT32,
+               rngs: nnx.Rngs):
+    self.norm = layers.LayerNorm(4 * dim, eps=LN_EPS, param_dtype=precision.param)
+    self.reduction = layers.Dense(4 * dim, out_dim, (None, "embed"), use_bias=False,
+                                  precision=precision, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
@@ -264,21 +184,21 @@ class PatchEmbed(nnx.Module):
   a stride-p convolution is a reshape and one matmul.
   """
 
-  def __init__(self, patch: int, in_chans: int, dim: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(self, patch: int, in_chans: int, dim: int, *, precision: Precision = FLOAT32,
+               rngs: nnx.Rngs):
     self.patch = patch
-    self.dtype = dtype
+    self.precision = precision
     # timm leaves this conv at torch's default init: U(+-1/sqrt(fan_in)), kernel and bias.
     bound = 1.0 / np.sqrt(patch * patch * in_chans)
     init = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)  # noqa: E731
-    self.kernel = _param(init, (None, None, None, "embed"), rngs.params(),
-                         (patch, patch, in_chans, dim), param_dtype)
-    self.bias = _param(init, ("embed",), rngs.params(), (dim,), param_dtype)
-    self.norm = LayerNorm(dim, rngs=rngs, param_dtype=param_dtype)
+    self.kernel = layers.param(init, (None, None, None, "embed"), rngs.params(),
+                               (patch, patch, in_chans, dim), precision.param)
+    self.bias = layers.param(init, ("embed",), rngs.params(), (dim,), precision.param)
+    self.norm = layers.LayerNorm(dim, eps=LN_EPS, param_dtype=precision.param)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     p = self.patch
     x = x.reshape(b, h // p, p, w // p, p, c)
-    x = einsum("bhpwqc,pqco->bhwo", x, self.kernel[...], self.dtype) + self.bias[...]
-    return self.norm(x)
+    x = layers.einsum("bhpwqc,pqco->bhwo", x, self.kernel[...], self.precision)
+    return self.norm(x + self.bias[...].astype(jnp.float32))

@@ -14,6 +14,7 @@ import pathlib
 import numpy as np
 
 from mfer_jax import constants, files
+from mfer_jax.media import align
 
 HEADER = constants.ANNOTATION_HEADER
 
@@ -62,16 +63,34 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
   files.atomic_write_bytes(path, text.encode())
 
 
+# Face columns of the probabilities CSV: the box and the five landmarks the crop was aligned
+# with (frame pixels), empty on frames without a face or when crops came from a folder.
+FACE_COLUMNS = ("face_x0", "face_y0", "face_x1", "face_y1") + tuple(
+    f"{name}_{axis}" for name in align.LANDMARK_NAMES for axis in ("x", "y"))
+
+
 def write_probabilities(path: str | os.PathLike, probs: np.ndarray, labels: np.ndarray,
-                        has_face: np.ndarray, gates: np.ndarray) -> None:
-  """Writes the per-frame CSV beside a label file: frame, label, has_face, p_<class>...,
-  gate_visual, gate_audio (atomically)."""
+                        has_face: np.ndarray, gates: np.ndarray,
+                        boxes: np.ndarray | None = None,
+                        landmarks: np.ndarray | None = None) -> None:
+  """Writes the per-frame CSV beside a label file, atomically.
+
+  Columns: frame, label, has_face, p_<class>..., gate_visual, gate_audio, then `FACE_COLUMNS`
+  (box x0, y0, x1, y1 and the landmarks' x, y; two decimals; empty without a face).
+  """
+  n = len(labels)
+  face = np.full((n, len(FACE_COLUMNS)), np.nan)
+  if boxes is not None:
+    face[:, :4] = boxes
+  if landmarks is not None:
+    face[:, 4:] = np.asarray(landmarks).reshape(n, -1)
   buf = io.StringIO()
-  buf.write("frame,label,has_face," + ",".join(f"p_{c}" for c in constants.CLASS_NAMES)
-            + ",gate_visual,gate_audio\n")
-  for i in range(len(labels)):
+  buf.write(",".join(["frame", "label", "has_face", *(f"p_{c}" for c in constants.CLASS_NAMES),
+                      "gate_visual", "gate_audio", *FACE_COLUMNS]) + "\n")
+  for i in range(n):
     row = [str(i + 1), str(int(labels[i])), str(int(has_face[i]))]
     row += [f"{p:.6f}" for p in probs[i]] + [f"{g:.6f}" for g in gates[i]]
+    row += ["" if np.isnan(v) else f"{v:.2f}" for v in face[i]]
     buf.write(",".join(row) + "\n")
   files.atomic_write_bytes(path, buf.getvalue().encode())
 

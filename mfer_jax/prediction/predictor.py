@@ -59,7 +59,8 @@ class Predictor:
 
   Args:
     workdir: a training workdir (config.json and checkpoints/).
-    which: "best" (highest validation macro-F1, the default) or "latest" checkpoint.
+    which: "best" (highest validation macro-F1, the default) or "latest" checkpoint; if it
+      cannot be read it is moved aside (`checkpointing`) and the next one is used.
     batch_size: frames per device call; every call has this shape (the last batch is padded).
 
   Attributes:
@@ -77,18 +78,19 @@ class Predictor:
     spec = state_lib.ModelSpec(self.config.model)
     tx, _ = optimizer.make_optimizer(self.config.train, 1)
     shardings = state_lib.state_shardings(spec, tx, mesh, self.config.mesh.rules,
-                                          ema=float(self.config.train.get("ema_decay", 0)) > 0)
+                                          ema=state_lib.uses_ema(self.config.train))
+    if not (pathlib.Path(workdir) / "checkpoints").is_dir():
+      raise WorkdirError(f"{workdir}/checkpoints not found; train {workdir} first")
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)
     try:
-      step = ckpt.best_step() if which == "best" else None
-      step = step if step is not None else ckpt.latest_step()
-      if step is None:
-        raise WorkdirError(f"{ckpt.directory} holds no checkpoint; train {workdir} first")
-      state = ckpt.restore_state_only(step, state_lib.abstract_state(shardings, spec, tx))
+      # An unreadable checkpoint is moved aside and the next best (or newest) one is used.
+      restored = checkpointing.restore_required(
+          ckpt, state_lib.abstract_state(shardings, spec, tx), prefer_best=which == "best",
+          what="predict with")
     finally:
       ckpt.close()
-    self.step = int(step)
-    self._params = state_lib.eval_params(state)
+    self.step = int(restored.step)
+    self._params = state_lib.eval_params(restored.state)
     rules = self.config.mesh.rules
 
     def forward(params, face, mel, has_face):

@@ -12,7 +12,7 @@ import os
 import pathlib
 
 from mfer_jax import errors
-from mfer_jax.data import affwild2, store
+from mfer_jax.data import affwild2, sources, store
 from mfer_jax.media import audio_features
 from mfer_jax.prediction import frames, labels as labels_lib
 from mfer_jax.prediction import predictor as predictor_lib
@@ -35,7 +35,7 @@ def feature_params(workdir: str | os.PathLike,
     return audio_features.FeatureParams.from_dict(json.loads(path.read_text()))
   config = config or predictor_lib.load_config(workdir)
   try:
-    meta = store.load_metadata(config.data.data_dir)
+    meta = sources.load_metadata(config.data)
   except store.DatasetError as e:
     raise predictor_lib.WorkdirError(
         f"{path} not found and the training data's metadata is unavailable ({e}); the audio "
@@ -45,7 +45,7 @@ def feature_params(workdir: str | os.PathLike,
 
 @dataclasses.dataclass
 class VideoResult:
-  """What one prediction wrote.
+  """What one prediction wrote (one person of one video).
 
   Attributes:
     label_file: the ABAW-format label file.
@@ -62,59 +62,85 @@ class VideoResult:
   notes: list[str]
 
 
+def label_path(out: str | os.PathLike, suffix: str) -> pathlib.Path:
+  """``x/clip.txt`` + ``_left`` -> ``x/clip_left.txt`` (the person's label file)."""
+  out = pathlib.Path(out)
+  return out.with_name(out.stem + suffix + out.suffix) if suffix else out
+
+
 def predict_video(predictor: predictor_lib.Predictor, params: audio_features.FeatureParams,
                   video: str | os.PathLike, out: str | os.PathLike, *,
                   crops: str | os.PathLike | None = None, smooth_window: int = 0,
-                  no_face: str = "audio", detect_every: int = 1) -> VideoResult:
+                  no_face: str = "audio", detect_every: int = 1,
+                  person: str = "largest") -> list[VideoResult]:
   """Predicts one label per decoded frame of ``video`` and writes the ABAW file and CSV.
 
   Args:
     predictor: the trained model.
     params: its audio feature parameters (`feature_params`).
     video: the media file.
-    out: the label file to write; the CSV goes beside it (``<stem>.probs.csv``).
+    out: the label file to write; the CSV goes beside it (``<stem>.probs.csv``). With
+      ``person="all"`` each person gets ``out`` with its suffix (``clip_left.txt``, ...).
     crops: an Aff-Wild2 ``cropped_aligned/<name>`` folder to use instead of detecting faces.
     smooth_window: centred moving average of probabilities over this many frames (<= 1: off).
     no_face: policy for frames without a face: "audio" or "nearest" (see `labels`).
     detect_every: run the face detector every k-th frame.
+    person: which face track(s): "largest", "left", "right" or "all" (`frames.read_video`).
+
+  Returns:
+    One result per label file written.
 
   Raises:
     mfer_jax.media.decode.MediaError: if the file cannot be opened or no frame decodes.
   """
-  inputs = frames.read_video(video, params, predictor.face_size, crops, detect_every)
-  probs, gates = predictor.predict(inputs.face, inputs.mel, inputs.has_face)
-  probs = labels_lib.smooth(labels_lib.fill_no_face(probs, inputs.has_face, no_face),
-                            smooth_window)
-  predicted = probs.argmax(-1)
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  probs_file = labels_lib.probabilities_path(out)
-  labels_lib.write_probabilities(probs_file, probs, predicted, inputs.has_face, gates)
-  labels_lib.write_labels(out, predicted)   # last: its presence means the video is done
-  return VideoResult(str(out), str(probs_file), inputs.num_frames,
-                     int(inputs.has_face.sum()), inputs.notes)
+  results = []
+  for inputs in frames.read_video(video, params, predictor.face_size, crops, detect_every,
+                                  person):
+    probs, gates = predictor.predict(inputs.face, inputs.mel, inputs.has_face)
+    probs = labels_lib.smooth(labels_lib.fill_no_face(probs, inputs.has_face, no_face),
+                              smooth_window)
+    predicted = probs.argmax(-1)
+    label_file = label_path(out, inputs.suffix)
+    label_file.parent.mkdir(parents=True, exist_ok=True)
+    probs_file = labels_lib.probabilities_path(label_file)
+    labels_lib.write_probabilities(probs_file, probs, predicted, inputs.has_face, gates,
+                                   inputs.boxes, inputs.landmarks)
+    labels_lib.write_labels(label_file, predicted)   # last: its presence means it is done
+    results.append(VideoResult(str(label_file), str(probs_file), inputs.num_frames,
+                               int(inputs.has_face.sum()), inputs.notes))
+  return results
 
 
-def split_names(root: str | os.PathLike, split: str,
-                test_list: str | os.PathLike | None = None) -> list[str]:
-  """Annotation names of an Aff-Wild2 split: the test list, or the annotation files."""
+def split_names(root: str | os.PathLike | affwild2.Release, split: str,
+                test_list: str | os.PathLike | None = None,
+                annotations: str | os.PathLike | None = None) -> list[str]:
+  """Annotation names of an Aff-Wild2 split: the test list, or the annotation files.
+
+  Args:
+    root: the unpacked release, or its `affwild2.scan_release`.
+    split: "train", "validation" or "test".
+    test_list, annotations: as ``data_prep.build``'s flags (default: found under root).
+
+  Raises:
+    affwild2.LayoutError: no (or several) test lists or annotation folders.
+  """
+  release = root if isinstance(root, affwild2.Release) else affwild2.scan_release(root)
   if split == "test":
-    lists = [pathlib.Path(test_list)] if test_list else affwild2.find_test_list(root)
-    if not lists:
-      raise affwild2.LayoutError(
-          f"no test-set list (*test*set*.txt) under {root}; pass --test_list FILE")
-    return affwild2.read_test_list(lists[0])
-  return [p.stem for p in affwild2.list_annotations(root, split)]
+    return affwild2.read_test_list(release.test_list(test_list))
+  challenge = release.challenge_dir(annotations)
+  return [p.stem for p in affwild2.list_split_annotations(challenge, split)]
 
 
 def predict_split(predictor: predictor_lib.Predictor, params: audio_features.FeatureParams,
                   root: str | os.PathLike, split: str, out_dir: str | os.PathLike, *,
-                  test_list: str | os.PathLike | None = None, use_crops: bool = True,
+                  test_list: str | os.PathLike | None = None,
+                  annotations: str | os.PathLike | None = None, use_crops: bool = True,
                   overwrite: bool = False, on_video=None, **kwargs) -> dict[str, VideoResult]:
   """Writes ``<out_dir>/<name>.txt`` for every video of an Aff-Wild2 split.
 
   Two-person videos get one file per side (``x_left.txt``, ``x_right.txt``), each from the
-  shared media and its own crops folder. A video whose file exists is skipped unless
+  shared media and its own crops folder (from any ``cropped_aligned*`` folder; without one,
+  from the left or right face track). A video whose file exists is skipped unless
   ``overwrite``, so an interrupted submission run resumes.
 
   Args:
@@ -124,31 +150,34 @@ def predict_split(predictor: predictor_lib.Predictor, params: audio_features.Fea
   Returns:
     name -> VideoResult for the videos written in this call.
   """
-  media_index = affwild2.index_media(root)
+  release = affwild2.scan_release(root)
   results = {}
   missing = []
-  for name in split_names(root, split, test_list):
+  for name in split_names(release, split, test_list, annotations):
     out = pathlib.Path(out_dir) / f"{name}.txt"
     if out.exists() and not overwrite:
       continue
-    video = media_index.find(name)
+    video = release.media.find(name)
     if video is None:
       missing.append(name)
       if on_video:
-        on_video(name, FileNotFoundError(f"no media for {name} under {root}/batch*/"))
+        on_video(name, FileNotFoundError(f"no media for {name} in batch*/ or new_vids*/ "
+                                         f"under {root}"))
       continue
-    crops = affwild2.crops_dir(root, name) if use_crops else None
-    if crops is not None and not crops.is_dir():
-      crops = None
-    result = predict_video(predictor, params, video, out, crops=crops, **kwargs)
+    crops = release.crops.find(name) if use_crops else None
+    # Without crops, the side named by an Aff-Wild2 name (x_left, x_right) is that person.
+    person = affwild2.side(name) or "largest"
+    result, = predict_video(predictor, params, video, out, crops=crops, person=person,
+                            **kwargs)
     results[name] = result
     if on_video:
       on_video(name, result)
   if missing:
-    raise errors.UserError(f"{len(missing)} video(s) of split {split!r} have no media under "
-                           f"{root}/batch*/ (first: {missing[0]}); their files were not written; "
-                           "check --root")
+    raise errors.UserError(f"{len(missing)} video(s) of split {split!r} have no media in "
+                           f"batch*/ or new_vids*/ under {root} (first: {missing[0]}); their "
+                           "files were not written; check --root")
   return results
 
 
-__all__ = ["VideoResult", "feature_params", "predict_split", "predict_video", "split_names"]
+__all__ = ["VideoResult", "feature_params", "label_path", "predict_split", "predict_video",
+           "split_names"]

@@ -26,7 +26,8 @@ from mfer_jax import constants, files
 from mfer_jax.data import records
 from mfer_jax.data import store
 
-# Aff-Wild2 valid frames per class (DESIGN.md §2), in thousands: the default imbalance.
+# Aff-Wild2 valid frames per class (docs/data.md#aff-wild2-in-numbers), in thousands: the
+# default imbalance.
 AFFWILD2_CLASS_PROBS = tuple(np.array([262.6, 23.3, 16.3, 17.6, 129.3, 106.3, 43.0, 278.1])
                              / 876.5)
 

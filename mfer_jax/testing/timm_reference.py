@@ -2,7 +2,7 @@
 
 PyPI's torchvision wheel does not match the CPU torch 2.13 build and fails at import with
 "operator torchvision::nms does not exist"; timm imports torchvision. Declaring the two op
-schemas it looks up first lets the import succeed (DESIGN.md §6). Nothing here calls them.
+schemas it looks up first lets the import succeed. Nothing here calls them.
 """
 
 import torch

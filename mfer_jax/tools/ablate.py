@@ -54,8 +54,8 @@ def main() -> None:
     statuses = sweep.run_sweep(_CONFIG.value, _WORKDIR.value, _SWEEP.value, _SAMPLING.value,
                                seeds, _OVERRIDE.value, _DRY_RUN.value, say=say)
   except (KeyboardInterrupt, sweep.Stop):
-    cli.fail("stopped: the running variant saved a checkpoint; rerun the same command to "
-             "continue", errors.EXIT_INTERRUPTED)
+    raise errors.Preempted("the running variant saved a checkpoint and stopped (its "
+                           "PREEMPTED.json); rerun the same command to continue") from None
   workdir = pathlib.Path(_WORKDIR.value).resolve()
   if _DRY_RUN.value:
     for s in statuses:

@@ -27,7 +27,8 @@ _VARIANT = flags.DEFINE_enum("variant", "tiny", list(swin.VARIANTS), "Swin varia
 _IMG_SIZE = flags.DEFINE_list("img_size", ["224", "224"], "Target input H,W.")
 _WINDOW = flags.DEFINE_integer("window", 7, "Target attention window size.")
 _IN_CHANS = flags.DEFINE_integer("in_chans", 3,
-                                 "Target input channels (1 sums the RGB patch kernel).")
+                                 "Target input channels (1: the RGB patch embedding is folded exactly into one grey "
+                                 "channel, see mfer_jax/models/normalisation.py).")
 
 
 def main() -> None:

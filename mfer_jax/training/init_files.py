@@ -44,9 +44,9 @@ def apply_init_files(config: ConfigDict, spec: ModelSpec, state: TrainState) -> 
       params = swin_import.load_swin_params(path, encoder_config(enc_cfg, in_chans))
       swin_import.apply_to_model(encoder, params)
     except (OSError, swin_import.CheckpointError) as e:
-      raise InitFileError(f"{key}={path}: {e}\nConvert a timm or Microsoft Swin checkpoint "
-                          "with `python -m mfer_jax.tools.convert --help`, or set the key to '' "
-                          "to train from scratch.") from e
+      raise InitFileError(f"{key}={path}: {errors.one_line(str(e))}; convert a timm or "
+                          "Microsoft Swin checkpoint with `python -m mfer_jax.tools.convert "
+                          "--help`, or set the key to '' to train from scratch") from e
     console.say(f"Initialised the {key.split('.')[1]} encoder from {path}")
     loaded = True
   if not loaded:

@@ -1,8 +1,18 @@
 """The training loop: resume, step, log, evaluate, checkpoint, stop cleanly.
 
-Each concern has its own module (state, step, checkpointing, observability, evaluation);
-this file only orders them. Resume order: the workdir's latest checkpoint, else the config's
-init files, else scratch.
+Each concern has its own module (state, step, evaluator, checkpointing, preemption,
+run_status, observability); this file only orders them.
+
+* Resume order: the workdir's newest readable checkpoint (damaged ones are moved aside,
+  `checkpointing`), else the config's init files, else scratch.
+* A step that is evaluated is evaluated first, then checkpointed with the primary
+  evaluator's macro-F1 (Orbax keeps the best). If its evaluation cannot finish (a damaged eval
+  shard, a stop request), the step's checkpoint is saved first anyway, so no training is
+  lost, and a resumed run evaluates that step before it trains on.
+* SIGTERM/SIGINT (`preemption.StopRequest`): the loop saves the checkpoint of the last
+  finished step, writes the PREEMPTED marker and raises `errors.Preempted` (exit 143) within
+  one train step or one eval batch. A finished run writes the FINISHED marker
+  (`run_status`).
 """
 
 from __future__ import annotations
@@ -10,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import signal
 import time
 from typing import Any
 
@@ -18,9 +27,11 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from mfer_jax import console, errors, evaluation, files, sharding
-from mfer_jax.data import pipeline, store
-from mfer_jax.training import checkpointing, init_files, observability, optimizer, state as state_lib
+from mfer_jax import accelerators, console, errors, evaluation, files, sharding
+from mfer_jax.data import pipeline, sources
+from mfer_jax.training import checkpointing, evaluator as evaluator_lib, init_files
+from mfer_jax.training import observability, optimizer, performance, preemption, run_status
+from mfer_jax.training import state as state_lib
 from mfer_jax.training import step as step_lib
 
 
@@ -30,7 +41,7 @@ class NonFiniteLossError(errors.UserError, FloatingPointError):
 
 @dataclasses.dataclass
 class Run:
-  """Everything built once per run, shared by training and evaluation."""
+  """Everything built once per training run."""
 
   config: ConfigDict
   workdir: pathlib.Path
@@ -43,9 +54,17 @@ class Run:
   total_steps: int
   steps_per_epoch: int
   train_iter: pipeline.TrainIterator
-  eval_index: store.SplitIndex
+  class_weights: np.ndarray
+  evaluators: dict[str, evaluator_lib.Evaluator]   # primary first
   checkpointer: checkpointing.Checkpointer
-  train_index: store.SplitIndex | None = None
+
+  @property
+  def primary(self) -> str:
+    return next(iter(self.evaluators))
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.train_iter.close()
 
 
 def class_loss_weights(cfg: ConfigDict, label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -55,14 +74,15 @@ def class_loss_weights(cfg: ConfigDict, label: np.ndarray, num_classes: int) -> 
     return np.ones(num_classes, np.float32)
   power = {"inverse": 1.0, "inverse_sqrt": 0.5}.get(cfg.class_weights)
   if power is None:
-    raise ValueError(f"train.class_weights={cfg.class_weights!r}: none | inverse | inverse_sqrt")
+    raise errors.UsageError(f"train.class_weights={cfg.class_weights!r}: choose none, inverse "
+                            "or inverse_sqrt")
   w = np.where(counts > 0, np.maximum(counts, 1) ** -power, 0.0)
   w = w / max((w * counts).sum() / max(counts.sum(), 1), 1e-12)
   return w.astype(np.float32)
 
 
 def write_run_files(config: ConfigDict, workdir: pathlib.Path,
-                    train_index: store.SplitIndex) -> None:
+                    train_index: sources.SplitSource) -> None:
   """config.json, and features.json: the dataset's feature parameters, which prediction
   needs to build audio windows exactly as in training, even without the training data."""
   if jax.process_index() == 0:
@@ -71,13 +91,13 @@ def write_run_files(config: ConfigDict, workdir: pathlib.Path,
 
 
 def build_run(config: ConfigDict, workdir: str) -> Run:
-  """Builds mesh, data, state (restored or initialised) and the checkpointer."""
+  """Builds mesh, data, evaluators, state (restored or initialised) and the checkpointer."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  train_index = store.load_split(config.data.data_dir, "train")
-  write_run_files(config, workdir, train_index)
-  eval_index = store.load_split(config.data.data_dir, config.train.eval_split)
+  train_index = sources.load_split(config.data, "train")
+  weights = class_loss_weights(config.train, np.asarray(train_index.label),
+                               config.model.num_classes)
   train_iter = pipeline.make_train_iterator(config.data, train_index)
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = config.train.num_epochs * steps_per_epoch
@@ -86,48 +106,52 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   tx, schedule = optimizer.make_optimizer(config.train, total_steps)
   spec = state_lib.ModelSpec(config.model)
   state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
+  # Every eval split is opened and checked now, not at the first evaluation.
+  evaluators = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params)
+  write_run_files(config, workdir, train_index)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                             async_save=config.train.async_checkpointing)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    console.say(f"Resuming from {checkpointer.directory} step {latest}")
-    state = checkpointer.restore(latest, state_lib.abstract_state(state_sh, spec, tx),
-                                 train_iter)
+  restored = checkpointer.restore_newest_good(state_lib.abstract_state(state_sh, spec, tx),
+                                              train_iter)
+  if restored is not None:
+    console.say(f"Resuming from {checkpointer.directory} step {restored.step}")
+    state = restored.state
   else:
     state = init_files.apply_init_files(config, spec, state)
   return Run(config, workdir, mesh, spec, tx, schedule, state, state_sh, total_steps,
-             steps_per_epoch, train_iter, eval_index, checkpointer, train_index)
+             steps_per_epoch, train_iter, weights, evaluators, checkpointer)
 
 
-def evaluate(run: Run, params: Any, index: store.SplitIndex | None = None,
-             max_examples: int = 0) -> dict[str, Any]:
-  """macro-F1, per-class F1, accuracy, confusion and mean gates per class on one split
-  (``max_examples`` > 0: on that many of its frames, evenly spaced)."""
-  index = index or run.eval_index
-  eval_pipe = pipeline.make_eval_pipeline(run.config.data, index, include_unlabelled=False,
-                                          max_examples=max_examples)
-  eval_step = None
-  acc = step_lib.empty_eval_accumulator(run.config.model.num_classes, run.mesh)
-  for local in eval_pipe:
-    batch = pipeline.to_global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, run.mesh)
-    if eval_step is None:
-      batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-      eval_step = step_lib.make_eval_step(run.spec, run.config, run.mesh, run.state_sh.params,
-                                          batch_sh)
-    acc = eval_step(params, acc, batch)
-  acc = jax.device_get(acc)
-  return evaluation.summarize(acc["confusion"], acc["gate_sum"])
+def compile_train_step(run: Run, state: state_lib.TrainState, batch: dict[str, jax.Array],
+                       weights: np.ndarray) -> tuple[Any, float]:
+  """Compiles the train step ahead of time for ``batch``'s shapes.
 
+  Returns:
+    (the compiled step, model FLOPs per step per device). With remat on, the FLOPs are those
+    of the same step lowered without remat, so recomputation is not counted as useful work.
+  """
+  t0 = time.monotonic()
+  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
 
-def evaluate_with_train_subset(run: Run, params: Any) -> dict[str, Any]:
-  """The eval split's evaluation, plus ``train_subset`` (macro-F1, accuracy, frames) on
-  ``train.train_eval_examples`` train frames when that is > 0: the gap shows memorisation."""
-  result = evaluate(run, params)
-  n = int(run.config.train.train_eval_examples)
-  if n > 0:
-    on_train = evaluate(run, params, run.train_index, max_examples=n)
-    result["train_subset"] = {k: on_train[k] for k in ("macro_f1", "accuracy", "num_examples")}
-  return result
+  def build(spec, config):
+    return step_lib.make_train_step(spec, run.tx, run.schedule, config, run.mesh, run.state_sh,
+                                    batch_sh, weights)
+
+  compiled = build(run.spec, run.config).lower(state, batch).compile()
+  if run.config.model.remat == "none":
+    flops = performance.cost_flops(compiled)
+  else:
+    plain = run.config.copy_and_resolve_references()
+    plain.model.remat = "none"
+    spec = state_lib.ModelSpec(plain.model, precision=run.spec.precision)
+    flops = performance.cost_flops(build(spec, plain).lower(state, batch)) / jax.device_count()
+  kind = jax.devices()[0].device_kind
+  acc = accelerators.for_device_kind(kind)
+  console.say(f"Compiled the train step in {time.monotonic() - t0:.1f} s: "
+              f"{flops / 1e12:.3f} TFLOP per step per device; "
+              + (f"MFU against {acc.label}'s {acc.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak"
+                 if acc else f"no MFU ({kind!r} is not in mfer_jax/accelerators.py)"))
+  return compiled, flops
 
 
 def _check_finite(state: state_lib.TrainState, run: Run) -> None:
@@ -141,115 +165,223 @@ def _check_finite(state: state_lib.TrainState, run: Run) -> None:
         "Lower train.learning_rate, enable train.grad_clip_norm, or check the data.")
 
 
-class _SigtermFlag:
-  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.raised = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.raised = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+def _read_eval(workdir: pathlib.Path, step: int, name: str | None) -> dict[str, Any] | None:
+  """The eval JSON of ``step``, or None if missing or unreadable (then it is redone)."""
+  try:
+    return json.loads((evaluation.eval_dir(workdir, name) / f"{step}.json").read_text())
+  except (OSError, ValueError):
+    return None
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any] | None:
-  """Trains ``config`` in ``workdir`` (resuming if possible) and returns the last eval."""
-  run = build_run(config, workdir)
-  cfg = config.train
+class _Stopped(Exception):
+  """An evaluation was stopped by a stop request (internal to the loop)."""
+
+
+def _evaluate(run: Run, state: state_lib.TrainState, step: int,
+              names: list[str], writer: observability.MetricsWriter,
+              stop: preemption.StopRequest) -> dict[str, Any] | None:
+  """Runs the evaluators ``names`` at ``step`` and writes their JSONs.
+
+  The primary evaluator's F1 feeds adaptive resampling. If an evaluation fails or is
+  stopped, the step's checkpoint is saved before the error propagates (`_Stopped` for a
+  stop), so the run resumes from this step, not from an older one.
+
+  Returns:
+    The primary evaluator's result with its step, if it ran.
+  """
+  primary_result = None
+  for name in names:
+    primary = name == run.primary
+    try:
+      result = run.evaluators[name](state_lib.eval_params(state), should_stop=stop)
+      if result is None:
+        raise _Stopped()
+    except Exception:
+      # Nothing is lost: the checkpoint comes first, the evaluation is redone on resume.
+      if run.checkpointer.save_if_absent(step, state, run.train_iter):
+        console.say(f"step {step}: saved a checkpoint before stopping; the {name} evaluation "
+                    "of this step runs first when the run resumes")
+      raise
+    result = {"step": step, **result}
+    if jax.process_index() == 0:
+      evaluation.write_eval(run.workdir, step, result, None if primary else name)
+    spec = run.evaluators[name].spec
+    writer.scalars(step, {m: result[m] for m in spec.metrics}, f"eval/{name}")
+    console.say(f"step {step}: {name} " + ", ".join(f"{m} {result[m]:.4f}" for m in spec.metrics))
+    if primary:
+      primary_result = result
+      if run.config.data.sampling.adaptive_beta > 0:
+        run.train_iter.set_class_f1(list(result["per_class_f1"].values()))
+  return primary_result
+
+
+def _preempt(run: Run, step: int, stop: preemption.StopRequest) -> errors.Preempted:
+  """Waits for the checkpoint of ``step``, writes the PREEMPTED marker, returns the error."""
+  run.checkpointer.wait()
+  run_status.mark_preempted(run.workdir, step, stop.signal_name or "stop request")
+  saved = (f"saved checkpoint {run.checkpointer.directory / str(step)}" if step > 0
+           else "nothing trained yet")
+  return errors.Preempted(f"{stop.signal_name} after step {step} of {run.total_steps}: "
+                          f"{saved}; rerun the same command to resume")
+
+
+def _finish(run: Run, step: int, result: dict[str, Any]) -> dict[str, Any]:
+  run.checkpointer.wait()
+  run_status.mark_finished(run.workdir, step, result)
+  return result
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming if possible); returns the final evaluation.
+
+  Raises:
+    errors.Preempted: SIGTERM/SIGINT stopped the run after saving (exit 143).
+    errors.UserError: data, checkpoint or NaN errors, each with its one-line message.
+  """
+  # Installed first, so a signal while the run is built (restore, compile) also ends in 143.
+  with preemption.StopRequest() as stop:
+    run = build_run(config, workdir)
+    try:
+      return _train(run, stop)
+    finally:
+      run.close()
+
+
+def _train(run: Run, stop: preemption.StopRequest) -> dict[str, Any]:
   start = int(jax.device_get(run.state.step))
-  if start >= run.total_steps:
-    # A finished run (e.g. `make demo` twice): report its final evaluation, train nothing.
-    run.checkpointer.close()
-    run.train_iter.close()
-    finished = [e for e in evaluation.read_evals(run.workdir) if e["step"] == start]
-    console.say(f"{run.workdir} already finished its {run.total_steps} steps; "
-                + ("its final evaluation:" if finished else "evaluating its final state."))
-    return finished[-1] if finished else evaluate_with_train_subset(
-        run, state_lib.eval_params(run.state))
-  eval_every = cfg.eval_every_steps if cfg.eval_every_steps > 0 else run.steps_per_epoch
-  label = np.asarray(store.load_split(config.data.data_dir, "train").label)
-  weights = class_loss_weights(cfg, label, config.model.num_classes)
+  run_status.clear(run.workdir)
+  due_at = lambda step: [n for n, e in run.evaluators.items()  # noqa: E731
+                         if e.spec.due(step, run.steps_per_epoch, run.total_steps)]
+  # Evaluations of the restored step that an interrupted run did not finish come first.
+  missing = [n for n in due_at(start)
+             if _read_eval(run.workdir, start, None if n == run.primary else n) is None]
   writer = observability.MetricsWriter(run.workdir, resume_step=start)
+  state = run.state
+  try:
+    if stop.requested:
+      raise _preempt(run, start, stop)
+    last_result = _read_eval(run.workdir, start, None) if start >= run.total_steps else None
+    if missing:
+      try:
+        result = _evaluate(run, state, start, missing, writer, stop)
+      except _Stopped:
+        raise _preempt(run, start, stop) from None
+      last_result = result or last_result
+    if start >= run.total_steps:
+      # A finished run (e.g. `make demo` twice): report its final evaluation, train nothing.
+      console.say(f"{run.workdir} already finished its {run.total_steps} steps.")
+      return _finish(run, start, last_result)
+    return _train_steps(run, state, start, writer, stop)
+  finally:
+    writer.close()
+
+
+def _train_steps(run: Run, state: state_lib.TrainState, start: int,
+                 writer: observability.MetricsWriter,
+                 stop: preemption.StopRequest) -> dict[str, Any]:
+  cfg = run.config.train
   progress = observability.ProgressBar(run.total_steps, start)
-  sigterm = _SigtermFlag()
-  state, train_step, last_eval = run.state, None, None
+  profile = performance.ProfileWindow(cfg.profile_steps, run.workdir)
+  train_step, timer = None, None
   pending: list[dict[str, jax.Array]] = []
-  t_log = time.monotonic()
   console.say(f"Training steps {start}..{run.total_steps} ({run.steps_per_epoch} per epoch) "
               f"on mesh {dict(run.mesh.shape)}, workdir {run.workdir}")
   try:
     for step in range(start, run.total_steps):
+      t_wait = time.monotonic()
       local = next(run.train_iter)
       batch = pipeline.to_global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, run.mesh)
       if train_step is None:
-        batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-        train_step = step_lib.make_train_step(run.spec, run.tx, run.schedule, config, run.mesh,
-                                              run.state_sh, batch_sh, weights)
-      state, metrics = train_step(state, batch)
+        train_step, flops = compile_train_step(run, state, batch, run.class_weights)
+        timer = performance.StepTimer(flops, jax.devices()[0].device_kind)
+      else:
+        timer.add_wait(time.monotonic() - t_wait)
+      profile.before_step(step)
+      with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
+        state, metrics = train_step(state, batch)
+      timer.add_step()
+      profile.after_step(step, state)
       pending.append(metrics)
       done = step + 1
       last = done == run.total_steps
-      if done % cfg.log_every_steps == 0 or last or sigterm.raised:
+      if done % cfg.log_every_steps == 0 or last or stop.requested:
         fetched = jax.device_get(pending)
         _check_finite(state, run)
-        now = time.monotonic()
         row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
                if k != "examples"}
-        row["examples_per_second"] = sum(float(m["examples"]) for m in fetched) / (now - t_log)
+        row.update(timer.row())
+        row["examples_per_second"] = (sum(float(m["examples"]) for m in fetched)
+                                      / (row["step_time_s"] * len(fetched)))
         row["epoch"] = done / run.steps_per_epoch
         writer.write(done, row)
         progress.update(done, f"loss {row['loss']:.4f}")
-        pending, t_log = [], now
-      eval_metrics = None
-      if done % eval_every == 0 or last:
+        if row["data_wait_fraction"] > performance.INPUT_BOUND_FRACTION:
+          progress.warn_once(
+              "input_bound", f"input-bound: the loop waited for data "
+              f"{row['data_wait_fraction']:.0%} of the time (steps {done - len(fetched)}.."
+              f"{done}); raise data.num_workers or data.read_threads (bench/pipeline.py "
+              "measures the pipeline alone)")
+        pending = []
+      due = [] if stop.requested else [
+          n for n, e in run.evaluators.items()
+          if e.spec.due(done, run.steps_per_epoch, run.total_steps)]
+      result = None
+      if due:
         _check_finite(state, run)
-        last_eval = evaluate_with_train_subset(run, state_lib.eval_params(state))
-        if jax.process_index() == 0:
-          evaluation.write_eval(run.workdir, done, last_eval)
-        writer.scalars(done, {"macro_f1": last_eval["macro_f1"],
-                              "accuracy": last_eval["accuracy"]}, "eval")
-        on_train = last_eval.get("train_subset")
-        console.say(f"step {done}: {cfg.eval_split} macro-F1 {last_eval['macro_f1']:.4f}"
-                    + (f" (train subset {on_train['macro_f1']:.4f})" if on_train else ""))
-        eval_metrics = {"macro_f1": last_eval["macro_f1"]}
-        if config.data.sampling.adaptive_beta > 0:
-          run.train_iter.set_class_f1(list(last_eval["per_class_f1"].values()))
-        t_log = time.monotonic()
-      if done % cfg.checkpoint_every_steps == 0 or eval_metrics or last or sigterm.raised:
+        try:
+          result = _evaluate(run, state, done, due, writer, stop)
+        except _Stopped:
+          raise _preempt(run, done, stop) from None
+        timer.reset()   # evaluation time is neither data wait nor compute
+      if (done % cfg.checkpoint_every_steps == 0 or due or last or stop.requested):
         _check_finite(state, run)
-        run.checkpointer.save(done, state, run.train_iter, metrics=eval_metrics,
-                              force=sigterm.raised)
-      if sigterm.raised:
-        console.say(f"SIGTERM: saved a checkpoint at step {done} and stopped; rerun the same "
-                    "command to resume.")
-        break
+        run.checkpointer.save(done, state, run.train_iter, force=stop.requested,
+                              metrics=({"macro_f1": result["macro_f1"]} if result else None))
+      if last and result is not None:   # (a stop during the last step defers its evaluation)
+        return _finish(run, done, result)
+      if stop.requested:
+        raise _preempt(run, done, stop)
   finally:
+    profile.stop(state)
     progress.close()
-    sigterm.restore()
-    run.checkpointer.close()
-    writer.close()
-    run.train_iter.close()
-  return last_eval
+  raise AssertionError("unreachable: the loop returns at its last step")
 
 
 def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> dict[str, Any]:
-  """Evaluates a trained workdir's best (or latest) checkpoint and writes eval/<step>.json."""
+  """``--mode=eval``: evaluates a workdir's best (or latest) readable checkpoint.
+
+  Reads only the primary evaluator's split (not the train split) and writes nothing but its
+  result, ``checkpoints/<step>/eval_<name>.json``, beside the checkpoint it evaluated: the
+  run's config.json and eval/ are left as training wrote them.
+
+  Returns:
+    The evaluation with its ``step`` and ``path``.
+  """
   ckpt_dir = pathlib.Path(workdir) / "checkpoints"
   if not ckpt_dir.is_dir():
-    raise FileNotFoundError(f"{ckpt_dir} not found: {workdir} has no checkpoint to evaluate; "
-                            "train first with --mode=train")
-  run = build_run(config, workdir)
-  step = run.checkpointer.best_step() if which == "best" else None
-  step = step if step is not None else run.checkpointer.latest_step()
-  state = run.checkpointer.restore_state_only(
-      step, state_lib.abstract_state(run.state_sh, run.spec, run.tx))
-  result = evaluate(run, state_lib.eval_params(state))
+    raise checkpointing.CheckpointError(
+        f"{ckpt_dir} not found: {workdir} has no checkpoint to evaluate; train first with "
+        "--mode=train")
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  spec = state_lib.ModelSpec(config.model)
+  tx, _ = optimizer.make_optimizer(config.train, 1)   # the state's structure, for restoring
+  state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules,
+                                      ema=state_lib.uses_ema(config.train))
+  name = config.train.primary_eval
+  evaluator = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params, only=name)[name]
+  checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    restored = checkpointing.restore_required(
+        checkpointer, state_lib.abstract_state(state_sh, spec, tx), prefer_best=which == "best")
+  finally:
+    checkpointer.close()
+  with preemption.StopRequest() as stop:
+    result = evaluator(state_lib.eval_params(restored.state), should_stop=stop)
+  if result is None:
+    raise errors.Preempted(f"{stop.signal_name} during the evaluation of step {restored.step}; "
+                           "nothing was written, rerun the same command")
+  result = {"step": restored.step, **result}
+  path = ckpt_dir / str(restored.step) / f"eval_{name}.json"
   if jax.process_index() == 0:
-    evaluation.write_eval(run.workdir, step, result)
-  run.checkpointer.close()
-  run.train_iter.close()
-  return {"step": step, **result}
+    files.atomic_write_json(path, result, sort_keys=False)
+  return {**result, "path": str(path)}

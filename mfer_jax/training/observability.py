@@ -86,6 +86,15 @@ class ProgressBar:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.t0 = time.monotonic()
     self.tty = sys.stderr.isatty()
+    self._warned: set[str] = set()
+
+  def warn_once(self, key: str, message: str) -> None:
+    """Prints ``warning: <message>`` on its own line, the first time ``key`` is seen."""
+    if not self.enabled or key in self._warned:
+      return
+    self._warned.add(key)
+    sys.stderr.write(("\n" if self.tty else "") + f"warning: {message}\n")
+    sys.stderr.flush()
 
   def update(self, step: int, text: str = "") -> None:
     if not self.enabled:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
+
+from mfer_jax import errors
+from mfer_jax.constants import DTYPES
+
+
+MU_DTYPES = DTYPES
 
 
 def learning_rate_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
@@ -22,23 +29,29 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
 
   Args:
     cfg: ``config.train``: optimizer, learning_rate, warmup_steps, final_lr_ratio,
-      weight_decay, b1, b2, grad_clip_norm.
+      weight_decay, b1, b2, grad_clip_norm, mu_dtype.
     total_steps: optimizer steps of the whole run (for the cosine decay).
 
   Returns:
     (transformation, schedule); the schedule is also used to log the learning rate.
   """
   schedule = learning_rate_schedule(cfg, total_steps)
+  if cfg.mu_dtype not in MU_DTYPES:
+    raise errors.UsageError(f"train.mu_dtype={cfg.mu_dtype!r}: choose one of "
+                            f"{', '.join(MU_DTYPES)}")
+  # First moments in bf16 save a quarter of the optimizer state; second moments stay float32
+  # (their small values underflow in bf16), as optax.adamw's mu_dtype does.
+  mu_dtype = jnp.dtype(cfg.mu_dtype)
   parts = []
   if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   if cfg.optimizer == "adamw":
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype,
                              weight_decay=cfg.weight_decay, mask=weight_decay_mask))
   elif cfg.optimizer == "adam":
     # The authors' 2022 recipe: Adam with L2 weight decay added to the gradient.
     parts += [optax.add_decayed_weights(cfg.weight_decay, mask=weight_decay_mask),
-              optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)]
+              optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype)]
   else:
     raise ValueError(f"train.optimizer {cfg.optimizer!r}: choose 'adamw' or 'adam'")
   scale = float(cfg.get("fusion_blocks_lr_scale", 1.0))

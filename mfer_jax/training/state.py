@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from mfer_jax import sharding
+from mfer_jax.models.layers import Precision
 from mfer_jax.models.model import ExpressionModel
 
 
@@ -46,6 +47,11 @@ class TrainState:
   ema_params: Any = None
 
 
+def uses_ema(train_cfg: ConfigDict) -> bool:
+  """Whether ``config.train`` keeps an EMA of the params (so the state has ``ema_params``)."""
+  return float(train_cfg.ema_decay) > 0
+
+
 def eval_params(state: TrainState) -> Any:
   """The parameters to evaluate and predict with: the EMA when there is one."""
   return state.params if state.ema_params is None else state.ema_params
@@ -57,8 +63,12 @@ class ModelSpec:
   ``merge(params)`` rebuilds a callable model inside jit.
   """
 
-  def __init__(self, model_cfg: ConfigDict):
-    abstract = nnx.eval_shape(lambda: ExpressionModel(model_cfg, rngs=nnx.Rngs(0)))
+  def __init__(self, model_cfg: ConfigDict, precision: Precision | None = None):
+    """Args: the model config, and optionally a resolved precision overriding its own."""
+    abstract = nnx.eval_shape(lambda: ExpressionModel(model_cfg, rngs=nnx.Rngs(0),
+                                                      precision=precision))
+    self.model_cfg = model_cfg
+    self.precision: Precision = abstract.precision
     self.graphdef, self.abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(abstract_rest):
       raise ValueError("the model has non-Param variables; they must be part of TrainState")
@@ -68,8 +78,8 @@ class ModelSpec:
     return nnx.merge(self.graphdef, params, self.rest)
 
 
-def _init_params(model_cfg: ConfigDict, key: jax.Array):
-  model = ExpressionModel(model_cfg, rngs=nnx.Rngs(params=key))
+def _init_params(spec: ModelSpec, key: jax.Array):
+  model = ExpressionModel(spec.model_cfg, rngs=nnx.Rngs(params=key), precision=spec.precision)
   return nnx.state(model, nnx.Param)
 
 
@@ -99,13 +109,15 @@ def create_train_state(config: ConfigDict, spec: ModelSpec, tx: optax.GradientTr
     (state, shardings): the sharded state and the matching tree of NamedShardings, which the
     step and the checkpoint restore reuse.
   """
-  ema = float(config.train.ema_decay) > 0
+  ema = uses_ema(config.train)
   shardings = state_shardings(spec, tx, mesh, config.mesh.rules, ema=ema)
+  sharding.check_replication(spec.abstract_params, shardings.params, mesh,
+                             config.mesh.max_replicated_fraction)
   seed_key = jax.random.key(config.seed)
   param_key, rng = jax.random.split(seed_key)
 
   def init(param_key, rng):
-    params = _init_params(config.model, param_key)
+    params = _init_params(spec, param_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=rng, bad_step=jnp.full((), -1, jnp.int32),
                       ema_params=jax.tree.map(jnp.copy, params) if ema else None)

@@ -6,7 +6,7 @@ batch and sends a mask), the state is donated, and nothing leaves the device ins
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,26 @@ from mfer_jax import sharding
 from mfer_jax.training.state import ModelSpec, TrainState
 
 BATCH_KEYS = ("face", "mel", "has_face", "label", "mask")
+
+
+class MeshJit:
+  """A jitted function that traces with a mesh's logical-axis rules active.
+
+  Call it like the function, or `lower` it with concrete or abstract
+  (``jax.ShapeDtypeStruct``) arguments for ahead-of-time compilation and XLA's cost and memory
+  analyses (the planner and the training loop's FLOP count use this).
+  """
+
+  def __init__(self, jitted: Any, mesh: Mesh, rules):
+    self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+  def __call__(self, *args):
+    with sharding.use_rules(self.mesh, self.rules):
+      return self.jitted(*args)
+
+  def lower(self, *args) -> jax.stages.Lowered:
+    with sharding.use_rules(self.mesh, self.rules):
+      return self.jitted.lower(*args)
 
 
 def batch_shardings(mesh: Mesh, rules, example_batch: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +70,7 @@ def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, cfg: ConfigDict, mesh: Mesh,
                     state_sh: TrainState, batch_sh: dict[str, Any],
-                    class_weights: np.ndarray) -> Callable:
+                    class_weights: np.ndarray) -> MeshJit:
   """Builds ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
   Args:
@@ -80,7 +100,6 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     correct = jnp.sum((out["logits"].argmax(-1) == labels) * micro["mask"])
     return loss_sum, (weight_sum, correct)
 
-  grad_fn = jax.grad(micro_loss, has_aux=True)
   value_grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
@@ -131,17 +150,15 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
   replicated = NamedSharding(mesh, P())
   jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=0)
-
-  def run(state, batch):
-    with sharding.use_rules(mesh, rules):
-      return jitted(state, batch)
-
-  return run
+  return MeshJit(jitted, mesh, rules)
 
 
 def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
-                   batch_sh: dict[str, Any]) -> Callable:
+                   batch_sh: dict[str, Any]) -> MeshJit:
   """Builds ``eval_step(params, acc, batch) -> acc`` that accumulates on device.
+
+  Build it once per run and evaluation (`mfer_jax.training.evaluator.Evaluator` does): each
+  build is a new jitted function and traces again. ``eval_step.traces()`` counts the traces.
 
   ``acc`` holds the confusion matrix [C, C] (rows true, columns predicted) and per-class sums
   of the modality gates [C, 2]; masked (padding) rows add nothing. Accumulating on device
@@ -150,8 +167,10 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
   """
   num_classes = cfg.model.num_classes
   replicated = NamedSharding(mesh, P())
+  traces = [0]
 
   def eval_step(params, acc, batch):
+    traces[0] += 1   # a Python side effect: runs once per trace, never per call
     model = spec.merge(params)
     out = model(batch["face"], batch["mel"], batch["has_face"])
     valid = batch["mask"] & (batch["label"] >= 0)
@@ -163,11 +182,8 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
   acc_sh = {"confusion": replicated, "gate_sum": replicated}
   jitted = jax.jit(eval_step, in_shardings=(param_sh, acc_sh, batch_sh), out_shardings=acc_sh,
                    donate_argnums=1)
-
-  def run(params, acc, batch):
-    with sharding.use_rules(mesh, cfg.mesh.rules):
-      return jitted(params, acc, batch)
-
+  run = MeshJit(jitted, mesh, cfg.mesh.rules)
+  run.traces = lambda: traces[0]   # how often it was traced (tests: once per run)
   return run
 
 

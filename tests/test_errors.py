@@ -1,0 +1,164 @@
+"""Every command on every bad input: one ``error:`` line naming the culprit, the documented exit
+code (1 data or run error, 2 usage error), and no traceback.
+
+The commands run as a user runs them, each in its own process (`tests/commands.py`), several
+at a time: most of their time is importing JAX.
+"""
+
+import concurrent.futures
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import TESTS
+from mfer_jax.data import store
+from mfer_jax.models import swin, swin_import
+from mfer_jax.training import run_status
+import commands
+
+ROOT = TESTS.parent
+TINY = TESTS / "configs" / "tiny.py"
+SWEEP = TESTS / "configs" / "tiny_sweep.py"
+
+
+def _damage_record(path: str) -> None:
+  """Flips bytes inside the first record's chunk: the shard opens, that record cannot be read."""
+  raw = bytearray(pathlib.Path(path).read_bytes())
+  raw[200:400] = bytes(b ^ 0xFF for b in raw[200:400])
+  pathlib.Path(path).write_bytes(bytes(raw))
+
+
+def _insert_bytes(path: str) -> None:
+  raw = bytearray(pathlib.Path(path).read_bytes())
+  raw[300:300] = b"\0" * 64
+  pathlib.Path(path).write_bytes(bytes(raw))
+
+
+def _truncate(path: str) -> None:
+  raw = pathlib.Path(path).read_bytes()
+  pathlib.Path(path).write_bytes(raw[:len(raw) // 2])
+
+
+def _dataset(src, dst, split, damage):
+  shutil.copytree(src, dst)
+  victim = store.load_split(dst, split).paths[0]
+  damage(victim)
+  return dst, pathlib.Path(victim).name
+
+
+def _unreadable_run(tiny_run, dst):
+  """A copy of the tiny run whose every checkpoint lost its manifest."""
+  shutil.copytree(tiny_run, dst)
+  for step in (6, 8, 12):
+    (dst / "checkpoints" / str(step) / "state" / "manifest.ocdbt").unlink()
+  return dst
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_run, tiny_data_dir, tmp_path_factory):
+  """(name, command, args, exit code, fragments of the error line)."""
+  tmp = tmp_path_factory.mktemp("bad_inputs")
+  data = tiny_data_dir
+  work = lambda name: str(tmp / name)  # noqa: E731 a fresh workdir per case
+  inserted, inserted_name = _dataset(data, tmp / "inserted", "train", _insert_bytes)
+  overwritten, overwritten_name = _dataset(data, tmp / "overwritten", "train", _damage_record)
+  truncated, truncated_name = _dataset(data, tmp / "truncated", "validation", _truncate)
+  bad_eval = tmp / "bad_eval_run"
+  shutil.copytree(tiny_run, bad_eval)
+  (bad_eval / "eval" / "6.json").write_text('{"step": 6, "macro_f')
+  swin_cfg = swin.swin_config("test", img_size=(32, 32), window_size=4)
+  weights = tmp / "weights.safetensors"
+  swin_import.save_params(str(weights), {
+      p: np.zeros(s, np.float32)
+      for p, s in swin_import.expected_shapes(swin_cfg).items()}, swin_cfg)
+  main = "main.py"
+  config = f"--config={TINY}:{data}"
+  no_checkpoint = "no readable checkpoint"
+  return [
+      # Config keys, values and arguments: usage errors (2) with the key and a hint.
+      ("misspelt key", main, (config, f"--workdir={work('a')}",
+                              "--config.train.lerning_rate=0.1"), 2,
+       ("lerning_rate", "did you mean 'learning_rate'")),
+      ("unknown section", main, (config, f"--workdir={work('b')}", "--config.nosuch.key=1"), 2,
+       ("--config.nosuch.key=1", "unknown config key 'nosuch'")),
+      ("bad config argument", main, ("--config=configs/demo.py:fusoin=mfm",
+                                     f"--workdir={work('c')}"), 2, ("fusoin=mfm",)),
+      ("bad config value", main, (config, f"--workdir={work('d')}",
+                                  "--config.train.learning_rate=fast"), 2,
+       ("--config.train.learning_rate=fast",)),
+      ("bad class_weights", main, (config, f"--workdir={work('e')}",
+                                   "--config.train.class_weights=square"), 2,
+       ("train.class_weights='square'",)),
+      ("bad mode", main, (config, f"--workdir={work('f')}", "--mode=evl"), 2, ("--mode",)),
+      # Damaged data: the shard is named, with the fix.
+      ("train shard with bytes inserted", main, (f"--config={TINY}:{inserted}",
+                                                 f"--workdir={work('g')}"), 1,
+       (inserted_name, "data_prep.build")),
+      ("train shard with bytes overwritten", main, (f"--config={TINY}:{overwritten}",
+                                                    f"--workdir={work('h')}"), 1,
+       ("record 0 of shard", overwritten_name, "data_prep.build")),
+      ("validation shard truncated", main, (f"--config={TINY}:{truncated}",
+                                            f"--workdir={work('i')}"), 1,
+       (truncated_name, "data_prep.build")),
+      # Checkpoints none of which can be read: never a fresh start over them.
+      ("unreadable checkpoints, train", main, (config, "--workdir="
+                                               f"{_unreadable_run(tiny_run, tmp / 'u1')}"), 1,
+       (no_checkpoint, "12.corrupt")),
+      ("unreadable checkpoints, eval", main, (config, "--mode=eval", "--workdir="
+                                              f"{_unreadable_run(tiny_run, tmp / 'u2')}"), 1,
+       (no_checkpoint,)),
+      ("eval without checkpoints", main, (config, "--mode=eval", f"--workdir={work('j')}"), 1,
+       ("has no checkpoint to evaluate",)),
+      ("unreadable checkpoints, predict", "mfer_jax.tools.predict", (
+          f"--workdir={_unreadable_run(tiny_run, tmp / 'u3')}", f"--video={tmp / 'x.mp4'}"), 1,
+       (no_checkpoint,)),
+      ("predict without a workdir", "mfer_jax.tools.predict", (
+          f"--workdir={tmp / 'nowhere'}", f"--video={tmp / 'x.mp4'}"), 1, ("config.json",)),
+      ("report on a damaged eval", "mfer_jax.tools.report", (f"--workdir={bad_eval}",), 1,
+       ("eval/6.json", "cannot be read")),
+      ("ablate with a misspelt override", "mfer_jax.tools.ablate", (
+          f"--config={SWEEP}", f"--workdir={work('k')}", f"--override=data.data_dir={data}",
+          "--override=train.lerning_rate=0.1", "--dry_run"), 2,
+       ("train.lerning_rate", "did you mean 'learning_rate'")),
+      ("ablate with an unknown fusion", "mfer_jax.tools.ablate", (
+          f"--config={SWEEP}", f"--workdir={work('l')}", "--sweep=mfm,fusoin", "--dry_run"), 2,
+       ("fusoin",)),
+      ("convert a missing file", "mfer_jax.tools.convert", (
+          f"--in={tmp / 'missing.pth'}", f"--out={tmp / 'o.safetensors'}"), 1,
+       ("missing.pth",)),
+      ("convert to a non-safetensors name", "mfer_jax.tools.convert", (
+          f"--in={weights}", f"--out={tmp / 'o.pth'}"), 2, ("--out=",)),
+      ("build from a missing root", "data_prep.build", (
+          f"--root={tmp / 'no_root'}", f"--out={tmp / 'built'}", "--workers=1"), 1,
+       ("no_root", "data_prep/README.md")),
+      ("synth with too few videos", "data_prep.synth", (
+          f"--out={tmp / 'synth'}", "--num_videos=1"), 2, ("num_videos",)),
+      # Not an error: convert creates the missing folder of --out.
+      ("convert into a missing folder", "mfer_jax.tools.convert", (
+          f"--in={weights}", "--variant=test", "--img_size=32,32", "--window=4",
+          f"--out={tmp / 'new' / 'folder' / 'w.safetensors'}"), 0, ()),
+  ]
+
+
+def test_every_command_turns_each_bad_input_into_one_line(cases, tmp_path):
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    procs = list(pool.map(lambda c: commands.run(c[1], *c[2], cwd=ROOT), cases))
+  failures = []
+  for (name, _, _, code, fragments), proc in zip(cases, procs):
+    try:
+      if code == 0:
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+      else:
+        commands.assert_user_error(proc, code, *fragments)
+    except AssertionError as e:
+      failures.append(f"{name}: {e}")
+  assert not failures, "\n\n".join(failures)
+  converted = [c for c in cases if c[0] == "convert into a missing folder"][0]
+  assert pathlib.Path(converted[2][-1].split("=", 1)[1]).is_file()
+  # A failed run never looks preempted.
+  for c in cases:
+    workdir = [a.split("=", 1)[1] for a in c[2] if a.startswith("--workdir=")]
+    if c[1] == "main.py" and workdir and pathlib.Path(workdir[0]).is_dir():
+      assert not run_status.preempted(workdir[0])
