@@ -90,7 +90,8 @@ def chance_f1(train_labels: np.ndarray, labels: np.ndarray) -> float:
 def main() -> None:
   config = _CONFIG.value
   data_prep_api.prepare_for_config(config)
-  data_dir, eval_split = config.data.data_dir, config.train.eval_split
+  data_dir = config.data.data_dir
+  eval_split = config.evals[config.train.primary_eval].split
   t0 = time.monotonic()
   x_train, y_train = split_features(data_dir, "train", _FACE.value)
   x_eval, y_eval = split_features(data_dir, eval_split, _FACE.value)

@@ -89,10 +89,10 @@ def base_config() -> ConfigDict:
       "grad_clip_norm": 1.0,      # 0 disables clipping
       "grad_accum_steps": 1,      # microbatches per step (same global batch, less memory)
       "label_smoothing": 0.0,
-      # > 0 keeps an exponential moving average of the params (decay min(ema_decay,
-      # (1 + step) / (10 + step))); evaluation, the best checkpoint and prediction use it.
+      # > 0 keeps an exponential moving average of the params in the train state (decay
+      # min(ema_decay, (1 + step) / (10 + step)), training/step.py); it is checkpointed, and
+      # the evaluators (so the best checkpoint) and prediction use it instead of the params.
       "ema_decay": 0.0,
-      "fusion_blocks_lr_scale": 1.0,  # EXPERIMENT lr multiplier of the fusion's cross-attention
       "class_weights": "none",    # none | inverse | inverse_sqrt (loss weights from counts)
       "log_every_steps": 50,
       # "A:B" writes a jax.profiler trace of steps A..B-1 to <workdir>/profile; "" = off.

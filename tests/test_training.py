@@ -25,6 +25,7 @@ from mfer_jax import config_lib, errors, evaluation, sharding
 from mfer_jax.data import pipeline, reader, store
 from mfer_jax.models import model as model_lib
 from mfer_jax.models import swin_import
+from mfer_jax.prediction import predictor as predictor_lib
 from mfer_jax.training import checkpointing, evaluator as evaluator_lib, init_files, loop
 from mfer_jax.training import optimizer
 from mfer_jax.training import state as state_lib
@@ -344,6 +345,54 @@ def test_ema_params_follow_the_formula_and_are_what_is_evaluated(data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert any(not np.allclose(a, p) for a, p in zip(ema, as_numpy(state.params)))
   assert state_lib.eval_params(state) is state.ema_params
+
+
+def _restore(workdir, config, step):
+  """The sharded train state of checkpoint ``step`` (EMA included when the config keeps one)."""
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  spec = state_lib.ModelSpec(config.model)
+  tx, _ = optimizer.make_optimizer(config.train, 1)
+  state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules,
+                                       ema=state_lib.uses_ema(config.train))
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    state = ckpt.restore_state_only(step, state_lib.abstract_state(state_sh, spec, tx))
+  finally:
+    ckpt.close()
+  return state, (mesh, spec, state_sh)
+
+
+def test_ema_is_checkpointed_resumed_bitwise_evaluated_and_predicted_with(data_dir, tmp_path):
+  """With train.ema_decay, checkpoints hold the EMA; a run resumed from its first checkpoint
+  ends with the same params and EMA bit for bit; the loop's evaluations are of the EMA (not
+  of the raw params) and so are the Predictor's."""
+  config = tiny_config(data_dir)
+  config.train.ema_decay = 0.5
+  full = tmp_path / "full"
+  loop.train_and_evaluate(config, str(full))
+  # A run that stopped after its step-4 checkpoint: only that checkpoint survives.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(full, resumed)
+  for stale in ("checkpoints/8", "checkpoints/12", "FINISHED.json"):
+    shutil.rmtree(resumed / stale) if (resumed / stale).is_dir() else (resumed / stale).unlink()
+  loop.train_and_evaluate(config, str(resumed))
+  final, (mesh, spec, state_sh) = _restore(full, config, 12)
+  again, _ = _restore(resumed, config, 12)
+  for a, b in zip(jax.tree.leaves((final.params, final.ema_params)),
+                  jax.tree.leaves((again.params, again.ema_params)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The step-12 evaluation JSON is the EMA's: its gate means (floats) match the EMA's and not
+  # the raw params'.
+  written = [e for e in evaluation.read_evals(full) if e["step"] == 12][0]
+  ev = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params)["validation"]
+  of_ema, of_raw = ev(final.ema_params), ev(final.params)
+  np.testing.assert_allclose(np.asarray(list(of_ema["gate_mean"].values()), float),
+                             np.asarray(list(written["gate_mean"].values()), float), atol=1e-6)
+  assert of_raw["gate_mean"] != of_ema["gate_mean"]
+  best = predictor_lib.Predictor(full, which="latest", batch_size=16)
+  assert best.step == 12
+  for a, b in zip(jax.tree.leaves(best._params), jax.tree.leaves(final.ema_params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_bf16_first_moments_and_one_step_matches_float32(data_dir):

@@ -106,7 +106,8 @@ class Fusion(nnx.Module):
     self.norm_a = norm() if audio_dim else None
     # EXPERIMENT (docs/demo_experiments.md): how the gated pooled features reach the head.
     self.combine = cfg.get("combine", "sum") if self.name in ("gated", "mfm") else None
-    self.learned_gates = self.name in ("gated", "mfm") and cfg.get("gate", "softmax") == "softmax"
+    self.gate_kind = cfg.get("gate", "softmax")
+    self.learned_gates = self.name in ("gated", "mfm") and self.gate_kind != "none"
     if self.learned_gates:
       self.gate_fc1 = layers.Dense(2 * d, cfg.gate_hidden, ("embed", "mlp"), **kw)
       self.gate_fc2 = layers.Dense(cfg.gate_hidden, 2, ("mlp", None), **kw)
@@ -118,6 +119,8 @@ class Fusion(nnx.Module):
     if self.learned_gates:
       h = jax.nn.gelu(self.gate_fc1(jnp.concatenate([pv, pa], -1)), approximate=False)
       logits = self.gate_fc2(h)
+      if self.gate_kind == "sigmoid":   # EXPERIMENT: independent weights, not competing
+        return jax.nn.sigmoid(logits) * avail
     elif self.name in ("visual_only", "audio_only"):
       # A single-modality model trusts its one modality by construction, face or no face.
       one = jnp.asarray([1.0, 0.0] if self.name == "visual_only" else [0.0, 1.0])

@@ -54,25 +54,7 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
               optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype)]
   else:
     raise ValueError(f"train.optimizer {cfg.optimizer!r}: choose 'adamw' or 'adam'")
-  scale = float(cfg.get("fusion_blocks_lr_scale", 1.0))
-  if scale != 1.0:
-    parts.append(_scale_matching(scale, ("fusion", "blocks")))
   return optax.chain(*parts), schedule
-
-
-def _scale_matching(scale: float, names: tuple[str, ...]) -> optax.GradientTransformation:
-  """Multiplies the updates of leaves whose path names all of ``names`` by ``scale``."""
-
-  def update(updates, state, params=None):
-    del params
-
-    def one(path, u):
-      keys = jax.tree_util.keystr(path)
-      return u * scale if all(f"'{n}'" in keys or f".{n}" in keys for n in names) else u
-
-    return jax.tree_util.tree_map_with_path(one, updates), state
-
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 _NO_DECAY_NAMES = ("relative_position", "modality_embed")

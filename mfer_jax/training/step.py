@@ -134,7 +134,8 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     ema = state.ema_params
     if ema is not None:
       d = ema_decay_at(ema_decay, state.step)
-      ema = keep(jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params), ema)
+      ema = keep(jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params),
+                 ema)
     new_state = TrainState(
         step=state.step + ok.astype(jnp.int32),
         params=keep(params, state.params),
