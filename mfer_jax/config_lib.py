@@ -65,13 +65,11 @@ def base_config() -> ConfigDict:
       "fusion": {
           "name": "mfm",          # one of FUSION_VARIANTS
           "dim": 256,             # common width of both streams
-          "num_layers": 2,        # bidirectional cross-attention blocks (mfm)
+          "num_layers": 2,        # bidirectional cross-attention blocks (mfm*)
           "num_heads": 8,
           "mlp_ratio": 4.0,
           "dropout": 0.1,
-          "gate_hidden": 128,     # hidden width of the modality-gate MLP (gated, mfm)
-          "combine": "sum",       # EXPERIMENT gated/mfm: sum | concat of gated pooled features
-          "gate": "softmax",      # EXPERIMENT softmax (learned) | none (fixed equal weights)
+          "gate_hidden": 128,     # hidden width of the modality-gate MLP (gated, mfm*)
       },
   })
   c.data = data_config.default_data_config()
