@@ -35,7 +35,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # torch is only the reference for weight-import parity tests; 2.13.0 is a CPU wheel on
     # this machine's disk (a looser pin would pull a multi-GB CUDA build).
-    "test": ["pytest>=8", "torch==2.13.0", "timm~=1.0.31"],
+    # transformers: the wav2vec 2.0 / HuBERT parity reference (mfer_jax/testing/hf_reference.py).
+    "test": ["pytest>=8", "torch==2.13.0", "timm~=1.0.31", "transformers~=5.24.0"],
     # Accelerators: jax's own extras, which pin their PJRT plugin (and, for GPUs, the CUDA 12
     # and cuDNN wheels; for TPUs, libtpu) to the same jax version as above. docs/scaling.md.
     "cuda": ["jax[cuda12]~=0.10.2"],
@@ -46,7 +47,9 @@ setuptools.setup(
     name="mfer-jax",
     version="0.1.0",
     description=__doc__,
-    packages=setuptools.find_packages(include=["mfer_jax", "mfer_jax.*", "data_prep", "data_prep.*"]),
+    # data_prep is an offline tool run from the repository root (python -m data_prep.build),
+    # not a library: it is not installed, so no generic top-level name lands in site-packages.
+    packages=setuptools.find_packages(include=["mfer_jax", "mfer_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

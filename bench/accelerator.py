@@ -36,8 +36,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import ConfigDict
+
+from mfer_jax import cli, errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -275,8 +277,7 @@ def _table(results: list[dict], plan: dict | None) -> str:
   return "\n".join(rows)
 
 
-def main(argv):
-  del argv
+def main() -> None:
   if _CHILD.value == "devices":
     print(json.dumps({"backend": jax.default_backend(), "count": jax.device_count(),
                       "kind": jax.devices()[0].device_kind}))
@@ -286,14 +287,14 @@ def main(argv):
     return
   unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
   if unknown:
-    raise app.UsageError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    raise errors.UsageError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
   dry_run = _DRY_RUN.value
   from mfer_jax import accelerators  # pylint: disable=g-import-not-at-top
   info = device_info(dry_run)
   devices, kind, backend = info["count"], info["kind"], info["backend"]
   if backend == "cpu" and not dry_run:
-    raise app.UsageError("no GPU or TPU found: install the cuda or tpu extra (README), or "
-                         "run --dry_run on CPU")
+    raise errors.UsageError("no GPU or TPU found: install the cuda or tpu extra (README), or "
+                           "run --dry_run on CPU")
   accelerator = accelerators.for_device_kind(kind)
   _, config_name = _load_config(dry_run)
   _say(f"jax {jax.__version__} on {backend}: {devices} x {kind!r} "
@@ -325,4 +326,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

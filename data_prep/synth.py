@@ -120,8 +120,7 @@ CLASS_NAMES = constants.CLASS_NAMES
 HEADER = constants.ANNOTATION_HEADER
 FACE_CODE = (0, 3, 3, 2, 1, 2, 1, 0)
 AUDIO_CODE = (0, 3, 2, 3, 0, 1, 2, 1)
-# Aff-Wild2's valid frames per class, in thousands (docs/data.md#aff-wild2-in-numbers).
-CLASS_FREQ = np.array([262.6, 23.3, 16.3, 17.6, 129.3, 106.3, 43.0, 278.1]) / 876.5
+CLASS_FREQ = np.asarray(constants.AFFWILD2_CLASS_PROBS)
 ANNOTATION_DIR = pathlib.Path("annotations", "EXPR_Recognition_Challenge")
 SPLIT_DIRS = {"train": "Train_Set", "validation": "Validation_Set"}
 TEST_LIST = pathlib.Path("test_set", "EXPR_Recognition_Challenge_test_set_release.txt")

@@ -18,12 +18,19 @@ from mfer_jax.constants import DTYPES, FUSION_VARIANTS, SAMPLING_MODES
 
 def _encoder(in_chans: int) -> ConfigDict:
   return ConfigDict({
-      "variant": "tiny",          # tiny | small | base | large | test sizes (models/swin.py)
+      # swin | vit (faces or the log-mel image); audio also wav2vec2 | hubert (raw waveform:
+      # cached features via data.features_dir, and prediction). models/encoders.py.
+      "family": "swin",
+      "variant": "tiny",          # swin: tiny | small | base | large | test (models/swin.py);
+                                  # vit: dinov2_s14_reg, mae_b16, clip_b16, ... (models/vit.py);
+                                  # wav2vec2 / hubert: base | large | ... (models/wav2vec2.py)
       "img_size": (224, 224),     # encoder input (H, W); faces / mels are resized on device
-      "window_size": 7,
+      "window_size": 7,           # swin only
       "in_chans": in_chans,       # audio: 3 = mel repeated (authors), 1 = one grey channel
-                                  # (3-channel init files are folded in exactly)
+                                  # (3-channel Swin init files are folded in exactly)
       "drop_path_rate": 0.1,
+      "pool": "",                 # vit: token | avg; '' = the variant's own (DINOv2, CLIP:
+                                  # class token; MAE: mean of the patch tokens)
       "init_file": "",            # params from `python -m mfer_jax.tools.convert` ('' = scratch)
   })
 
@@ -73,6 +80,19 @@ def base_config() -> ConfigDict:
       },
   })
   c.data = data_config.default_data_config()
+  # Cached encoder features (`python -m mfer_jax.tools.extract`, mfer_jax/features.py): how
+  # they are made. Training with data.features_dir checks the cache was made with these values
+  # and the encoders and init files of config.model.
+  c.features = ConfigDict({
+      "dtype": "float16",         # storage: float16 | bfloat16
+      "batch_size": 64,           # frames (or audio chunks) per encoder call, over all devices
+      "audio_normalize": True,    # wav2vec2/hubert: zero mean, unit variance per track (as HF's
+                                  # feature extractor does per utterance)
+      "audio_pool_seconds": 0.1,  # wav2vec2/hubert: mean of the 20 ms frames within this span
+                                  # centred on the video frame's time t = (i - 1) / fps
+      "audio_chunk_seconds": 10.0,  # wav2vec2/hubert: the track runs in chunks this long ...
+      "audio_context_seconds": 2.0,  # ... each seeing this much more audio on both sides
+  })
   c.train = ConfigDict({
       "num_epochs": 20,           # epochs of data.sampling.epoch_size examples
       "max_steps": -1,            # > 0 caps the run (smoke tests)
@@ -81,6 +101,8 @@ def base_config() -> ConfigDict:
       "warmup_steps": 1000,
       "final_lr_ratio": 0.01,     # cosine decays to learning_rate * final_lr_ratio
       "weight_decay": 0.05,
+      "layer_decay": 1.0,         # encoder block l of L: lr * layer_decay ** (L + 1 - l);
+                                  # 1 = off; 0.65-0.75 fine-tunes ViTs (training/layer_decay.py)
       "b1": 0.9,
       "b2": 0.999,
       "mu_dtype": "float32",      # Adam first moments: float32 | bfloat16 (optax mu_dtype)
@@ -146,7 +168,37 @@ def _dtype(c: ConfigDict, value: str) -> None:
   c.model.precision.compute_dtype = value
 
 
+_SWIN_NAMES = {"swin_t": "tiny", "swin_s": "small", "swin_b": "base", "swin_l": "large"}
+
+
+def _encoder_choice(enc: ConfigDict, value: str, key: str, waveform: bool) -> None:
+  """Sets family, variant and input size of an encoder from one name (swin_t, vit_b16, ...)."""
+  from mfer_jax.models import vit, wav2vec2  # pylint: disable=g-import-not-at-top
+  family, _, rest = value.partition("_")
+  if value in _SWIN_NAMES:
+    enc.update(family="swin", variant=_SWIN_NAMES[value], img_size=(224, 224))
+  elif value in vit.VARIANTS and value != "test":
+    enc.update(family="vit", variant=value, img_size=(224, 224), window_size=7)
+  elif waveform and (family, rest) in wav2vec2.VARIANTS and not rest.startswith("test"):
+    enc.update(family=family, variant=rest)
+  else:
+    choices = list(_SWIN_NAMES) + [v for v in vit.VARIANTS if v != "test"]
+    if waveform:
+      choices += [f"{f}_{v}" for f, v in wav2vec2.VARIANTS if not v.startswith("test")]
+    raise ValueError(f"{key}={value!r}: choose one of {', '.join(choices)}")
+
+
+def _image(c: ConfigDict, value: str) -> None:
+  _encoder_choice(c.model.image, value, "image", waveform=False)
+
+
+def _audio(c: ConfigDict, value: str) -> None:
+  _encoder_choice(c.model.audio, value, "audio", waveform=True)
+
+
 VARIANT_KEYS: dict[str, Callable[[ConfigDict, str], None]] = {
+    "image": _image,
+    "audio": _audio,
     "fusion": _fusion,
     "sampling": _sampling,
     "size": _size,

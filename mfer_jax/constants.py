@@ -10,6 +10,12 @@ CLASS_NAMES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "S
 NUM_CLASSES = len(CLASS_NAMES)
 # The first line of every Aff-Wild2 annotation file and of every ABAW prediction file.
 ANNOTATION_HEADER = ",".join(CLASS_NAMES)
+# Aff-Wild2's valid EXPR frames per class, in thousands (docs/data.md#aff-wild2-in-numbers):
+# the imbalance the synthetic generators reproduce.
+AFFWILD2_CLASS_FRAMES_K = (262.6, 23.3, 16.3, 17.6, 129.3, 106.3, 43.0, 278.1)
+# Divided by the exact total 876.5 (a float sum() gives 876.5000000000001 and would shift the
+# synthetic labels drawn from these probabilities).
+AFFWILD2_CLASS_PROBS = tuple(n / 876.5 for n in AFFWILD2_CLASS_FRAMES_K)
 
 SPLITS = ("train", "validation", "test")
 

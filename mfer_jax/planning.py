@@ -34,6 +34,8 @@ from ml_collections import ConfigDict
 from mfer_jax import accelerators, errors, sharding
 from mfer_jax.constants import REMAT_POLICIES
 from mfer_jax.media.audio_features import FeatureParams
+from mfer_jax.models import encoders
+from mfer_jax.models import model as model_lib
 from mfer_jax.models.layers import Precision
 from mfer_jax.training import optimizer, state as state_lib, step as step_lib
 
@@ -122,13 +124,17 @@ def abstract_batch(config: ConfigDict, global_batch: int, mesh: Mesh) -> dict:
   """ShapeDtypeStructs of one train batch, as the pipeline makes it, sharded like training.
 
   The log-mel window size comes from the default `FeatureParams` (the model resizes it to the
-  audio encoder's input on device, so it hardly matters).
+  audio encoder's input on device, so it hardly matters). With ``data.features_dir`` the
+  batch holds the cached float32 encoder features instead, as the pipeline then makes it.
   """
   features = FeatureParams()
   face = config.data.face_size
   shapes = {"face": ((face, face, 3), jnp.uint8),
             "mel": ((features.n_mels, features.window_frames), jnp.uint8),
             "has_face": ((), jnp.bool_), "label": ((), jnp.int32), "mask": ((), jnp.bool_)}
+  if config.data.features_dir:
+    shapes["face"] = ((encoders.width(model_lib.image_arch(config.model)),), jnp.float32)
+    shapes["mel"] = ((encoders.width(model_lib.audio_arch(config.model)),), jnp.float32)
   rules = config.mesh.rules
   return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype,
                                   sharding=sharding.batch_sharding(mesh, rules, 1 + len(shape)))
@@ -206,7 +212,8 @@ def plan_step(config: ConfigDict, mesh: Mesh, global_batch: int, *, remat: str |
     config.model.remat = remat
   precision = precision or planning_precision(config.model)
   t0 = time.perf_counter()
-  spec = state_lib.ModelSpec(config.model, precision=precision)
+  spec = state_lib.ModelSpec(config.model, precision=precision,
+                             from_features=bool(config.data.features_dir))
   tx, schedule = optimizer.make_optimizer(config.train, 1000)
   state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules)
   state = state_lib.abstract_state(state_sh, spec, tx)

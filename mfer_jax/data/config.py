@@ -28,6 +28,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     tfds_name: TFDS dataset name, optionally with config and version
       (``aff_wild2_expr/default/1.1.0``); data_prep/tfds_affwild2.py registers the default.
     tfds_data_dir: TFDS data directory; '' = TFDS's default (``~/tensorflow_datasets``).
+    features_dir: '' reads faces and log-mel windows from the records; a feature cache made by
+      ``python -m mfer_jax.tools.extract`` makes the pipeline emit the cached per-frame encoder
+      features instead (``face`` and ``mel`` then hold float [C] vectors of the image and
+      audio encoders; no augmentation), and the model runs only the fusion and the head
+      (docs/foundation.md). data_dir still gives the split indexes (labels, frames, videos).
     face_size: side of the face crop the pipeline emits (uint8). Crops of another size are
       resized on decode; resizing to the model's input size happens on device.
     seed: seed of the data order and the augmentations (independent of the model's seed).
@@ -68,6 +73,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.data_dir = ""
   c.tfds_name = constants.TFDS_NAME
   c.tfds_data_dir = ""
+  c.features_dir = ""
   c.face_size = constants.FACE_SIZE
   c.seed = 0
   c.batch_size = 64

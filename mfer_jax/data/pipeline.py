@@ -14,8 +14,9 @@ not depend on ``num_workers``. The train iterator's state is just the step and t
 schedule, both small JSON, which is what makes restore exact (and independent of the number
 of workers).
 
-Batches hold uint8 ``face`` [B, S, S, 3] and ``mel`` [B, n_mels, T], bool ``has_face`` and
-``mask``, int32 ``label``; eval batches add int32 ``video_id``, ``frame`` and ``index`` (the
+Batches hold uint8 ``face`` [B, S, S, 3] and ``mel`` [B, n_mels, T] (with
+``data.features_dir``: the cached float32 image and audio features [B, C], unaugmented),
+bool ``has_face`` and ``mask``, int32 ``label``; eval batches add int32 ``video_id``, ``frame`` and ``index`` (the
 record index in the split) for per-frame predictions. Conversion to float, resizing and
 normalisation happen on device.
 """
@@ -146,7 +147,9 @@ class TrainIterator:
     self._cfg = cfg
     self._reader = reader
     self._sampler = sampler
-    self._augmenter = augment.Augmenter.from_config(cfg.augment)
+    # Cached features are not images: they pass through unaugmented.
+    self._augmenter = (augment.Augmenter(enabled=False) if cfg.get("features_dir")
+                       else augment.Augmenter.from_config(cfg.augment))
     self.global_batch_size = int(cfg.batch_size)
     self.process_index, self.process_count, self.local_batch_size = _process_layout(
         self.global_batch_size, process_index, process_count)
@@ -308,6 +311,14 @@ class EvalPipeline:
       it.close()
 
 
+def _reader(cfg: ml_collections.ConfigDict, index: sources.SplitSource):
+  """The split's records, or their cached encoder features with ``data.features_dir``."""
+  if cfg.get("features_dir"):
+    from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
+    return cache.FeatureReader(index, cfg.features_dir)
+  return index.open_reader(cfg.face_size)
+
+
 def make_train_iterator(cfg: ml_collections.ConfigDict, index: sources.SplitSource, *,
                         process_index: int | None = None,
                         process_count: int | None = None) -> TrainIterator:
@@ -319,7 +330,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, index: sources.SplitSour
     process_index, process_count: which part of each global batch this process reads;
       default jax.process_index() / jax.process_count() (tests pass them to simulate hosts).
   """
-  reader = index.open_reader(cfg.face_size)
+  reader = _reader(cfg, index)
   sampler = sampling.EpochSampler(index.label, index.video_id, index.frame,
                                   sampling.SamplingOptions.from_config(cfg.sampling),
                                   seed=int(cfg.seed))
@@ -342,7 +353,7 @@ def make_eval_pipeline(cfg: ml_collections.ConfigDict, index: sources.SplitSourc
     process_index, process_count: as in `make_train_iterator`.
     max_examples: 0 for every selected record; N > 0 for an evenly spaced subset of N.
   """
-  reader = index.open_reader(cfg.face_size)
+  reader = _reader(cfg, index)
   return EvalPipeline(cfg, reader, index, include_unlabelled=include_unlabelled,
                       process_index=process_index, process_count=process_count,
                       max_examples=max_examples)

@@ -1,6 +1,6 @@
 """The layer library every model part is built from, and the precision policy it follows.
 
-Encoders (Swin today; ViT / DINOv2 / CLIP and wav2vec 2.0 later), the fusion module and
+Encoders (Swin, ViT / DINOv2 / MAE / CLIP, wav2vec 2.0 / HuBERT), the fusion module and
 temporal heads build on these primitives only, so one config switch changes the numerics of
 the whole model and nothing else decides them.
 
@@ -241,6 +241,26 @@ def drop_path(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
   keep = 1.0 - rate
   mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
   return x * (mask.astype(x.dtype) / keep)
+
+
+class LayerScale(nnx.Module):
+  """Per-channel scale of a residual branch, ``x * gamma`` (CaiT, DINOv2; timm's LayerScale).
+
+  Args:
+    dim: width.
+    init_value: initial value of every ``gamma`` entry (DINOv2: 1e-5).
+    names: logical axis name of ``gamma``.
+    param_dtype: storage dtype of ``gamma``.
+  """
+
+  def __init__(self, dim: int, init_value: float, *, names: tuple[str | None] = ("embed",),
+               param_dtype=jnp.float32):
+    init = lambda key, shape, dt: jnp.full(shape, init_value, dt)  # noqa: E731
+    self.gamma = param(init, names, None, (dim,), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., dim] -> float32 [..., dim]."""
+    return x * self.gamma[...].astype(jnp.float32)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:

@@ -1,8 +1,14 @@
-"""The full audio-visual expression model: two Swin encoders, fusion, head.
+"""The full audio-visual expression model: two encoders, fusion, head.
 
 Inputs arrive as the pipeline makes them (uint8 faces and uint8 log-mel windows) and are
 resized and normalised here, on the device, so the host stays light and prediction uses
 exactly the same preprocessing as training.
+
+The encoders are chosen by ``config.model.image.family`` / ``.audio.family``
+(`mfer_jax.models.encoders`: Swin or a ViT on faces and on the log-mel image). Built with
+``from_features=True`` (training on a feature cache, ``data.features_dir``), the model has no
+encoders: its ``face`` and ``mel`` inputs are the cached pooled features [B, C] of the
+configured encoders, and it runs the fusion and the head only.
 """
 
 from __future__ import annotations
@@ -12,27 +18,43 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
+from mfer_jax.models import encoders
 from mfer_jax.models import fusion as fusion_lib
 from mfer_jax.models import layers
 from mfer_jax.models import normalisation
-from mfer_jax.models import swin
+from mfer_jax.models import vit
 
 
-def _normalise(x: jax.Array, channels: int) -> jax.Array:
-  """ImageNet mean/std for 3 channels, one grey mean/std for 1 (`models.normalisation`)."""
-  mean, std = normalisation.input_stats(channels)
+def _normalise(x: jax.Array, channels: int, stats=None) -> jax.Array:
+  """Per-channel (mean, std): ``stats`` (an encoder family's own, see `input_stats`), by
+  default ImageNet's for 3 channels and one grey mean/std for 1 (`models.normalisation`);
+  1 channel with ``stats`` uses their averages, as the grey statistics do ImageNet's."""
+  if stats is None:
+    mean, std = normalisation.input_stats(channels)
+  else:
+    mean, std = stats
+    if channels == 1:
+      mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
   return (x - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-def face_to_input(face: jax.Array, size: tuple[int, int]) -> jax.Array:
+def input_stats(arch) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """The pixel statistics an encoder family was pretrained with; None: ImageNet's default."""
+  if isinstance(arch, vit.ViTConfig) and arch.input_stats != "imagenet":
+    return vit.INPUT_STATS[arch.input_stats]
+  return None
+
+
+def face_to_input(face: jax.Array, size: tuple[int, int], stats=None) -> jax.Array:
   """uint8 RGB faces [B, h, w, 3] -> normalised float32 [B, H, W, 3] at the encoder size."""
   x = face.astype(jnp.float32) / 255.0
   if x.shape[1:3] != tuple(size):
     x = jax.image.resize(x, (x.shape[0], *size, 3), method="bilinear")
-  return _normalise(x, 3)
+  return _normalise(x, 3, stats)
 
 
-def mel_to_input(mel: jax.Array, size: tuple[int, int], channels: int) -> jax.Array:
+def mel_to_input(mel: jax.Array, size: tuple[int, int], channels: int,
+                 stats=None) -> jax.Array:
   """uint8 log-mel [B, n_mels, T] -> normalised float32 [B, H, W, channels].
 
   Mel bins run along the image height and time along the width, like the authors' rendered
@@ -42,16 +64,25 @@ def mel_to_input(mel: jax.Array, size: tuple[int, int], channels: int) -> jax.Ar
   x = mel.astype(jnp.float32)[..., None] / 255.0
   if x.shape[1:3] != tuple(size):
     x = jax.image.resize(x, (x.shape[0], *size, 1), method="bilinear")
-  return _normalise(jnp.repeat(x, channels, axis=-1), channels)
+  return _normalise(jnp.repeat(x, channels, axis=-1), channels, stats)
 
 
-def encoder_config(cfg: ConfigDict, in_chans: int) -> swin.SwinConfig:
-  return swin.swin_config(cfg.variant, img_size=tuple(cfg.img_size), window_size=cfg.window_size,
-                          in_chans=in_chans, drop_path_rate=cfg.drop_path_rate)
+def image_arch(cfg: ConfigDict) -> encoders.Arch:
+  """Architecture of ``cfg.image`` (``config.model``)."""
+  if cfg.image.get("family", "swin") not in encoders.IMAGE_FAMILIES:
+    raise encoders.EncoderConfigError(
+        f"model.image.family={cfg.image.family!r}: choose one of "
+        f"{', '.join(encoders.IMAGE_FAMILIES)}")
+  return encoders.arch_config(cfg.image, 3, key="model.image")
+
+
+def audio_arch(cfg: ConfigDict) -> encoders.Arch:
+  """Architecture of ``cfg.audio`` (``config.model``)."""
+  return encoders.arch_config(cfg.audio, int(cfg.audio.in_chans), key="model.audio")
 
 
 class ExpressionModel(nnx.Module):
-  """Face Swin + audio Swin + fusion + 8-class head.
+  """Face encoder + audio encoder + fusion + 8-class head.
 
   Args:
     cfg: ``config.model`` (see `mfer_jax.config_lib`): num_classes, precision, remat, image,
@@ -59,30 +90,41 @@ class ExpressionModel(nnx.Module):
     rngs: parameter RNGs.
     precision: overrides ``cfg.precision`` (the planner resolves ``matmul="auto"`` for the
       accelerator it plans for, not for the CPU it compiles on).
+    from_features: no encoders; ``face`` and ``mel`` are cached encoder features.
 
   Attributes:
     precision: the resolved `layers.Precision` every part uses.
   """
 
   def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs,
-               precision: layers.Precision | None = None):
+               precision: layers.Precision | None = None, from_features: bool = False):
     self.precision = precision or layers.Precision.from_config(cfg.precision)
     kw = dict(rngs=rngs, precision=self.precision, remat=cfg.remat)
     name = cfg.fusion.name
+    self.from_features = bool(from_features)
     self.image_size = tuple(cfg.image.img_size)
     self.audio_size = tuple(cfg.audio.img_size)
     self.audio_chans = int(cfg.audio.in_chans)
     self.modality_dropout = float(cfg.modality_dropout)
+    v_arch, a_arch = image_arch(cfg), audio_arch(cfg)
+    use_v, use_a = name != "audio_only", name != "visual_only"
+    if cfg.audio.family in encoders.WAVEFORM_FAMILIES and use_a and not from_features:
+      raise encoders.EncoderConfigError(
+          f"model.audio.family={cfg.audio.family!r} encodes the raw waveform, which prepared "
+          "records do not hold: extract its features with `python -m mfer_jax.tools.extract` "
+          "and train on them with --config.data.features_dir=FEATURES (configs/"
+          "abaw_features.py), or choose swin | vit for the log-mel")
+    self.image_stats = input_stats(v_arch)
+    self.audio_stats = input_stats(a_arch)
     # Single-modality ablations do not build (or pay for) the other encoder.
-    self.image_encoder = (swin.SwinTransformer(encoder_config(cfg.image, 3), **kw)
-                          if name != "audio_only" else None)
-    self.audio_encoder = (swin.SwinTransformer(encoder_config(cfg.audio, self.audio_chans), **kw)
-                          if name != "visual_only" else None)
+    self.image_encoder = (encoders.build(v_arch, **kw)
+                          if use_v and not from_features else None)
+    self.audio_encoder = (encoders.build(a_arch, **kw)
+                          if use_a and not from_features else None)
     self.fusion = fusion_lib.Fusion(
-        cfg.fusion,
-        self.image_encoder.num_features if self.image_encoder else 0,
-        self.audio_encoder.num_features if self.audio_encoder else 0,
-        cfg.num_classes, **kw)
+        cfg.fusion, encoders.width(v_arch) if use_v else 0,
+        encoders.width(a_arch) if use_a else 0, cfg.num_classes, **kw)
+    self._use = (use_v, use_a)
 
   def _availability(self, has_face: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     """bool [B, 2]: (visual, audio) available; modality dropout blanks one of them."""
@@ -98,13 +140,21 @@ class ExpressionModel(nnx.Module):
     drop_a = drop & ~pick_visual & avail[:, 0]
     return avail & ~jnp.stack([drop_v, drop_a], axis=-1)
 
+  def _feature_tokens(self, x: jax.Array) -> jax.Array:
+    """Cached features [B, C] (or [B, N, C]) -> float32 tokens [B, N, C] (the fusion casts
+    matmul operands to the compute dtype, as for encoder tokens)."""
+    x = x.astype(jnp.float32)
+    return x[:, None] if x.ndim == 2 else x
+
   def __call__(self, face: jax.Array, mel: jax.Array, has_face: jax.Array, *,
                rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
     """Predicts expression logits.
 
     Args:
-      face: uint8 [B, h, w, 3] face crops (zeros where there is no face).
-      mel: uint8 [B, n_mels, T] log-mel windows.
+      face: uint8 [B, h, w, 3] face crops (zeros where there is no face); with
+        ``from_features``, the image encoder's cached features [B, C].
+      mel: uint8 [B, n_mels, T] log-mel windows; with ``from_features``, the audio encoder's
+        cached features [B, C].
       has_face: bool [B].
       rngs: dropout / drop-path / modality-dropout RNGs when training; None for inference.
 
@@ -113,12 +163,17 @@ class ExpressionModel(nnx.Module):
     """
     avail = self._availability(has_face, rngs)
     v_tokens = a_tokens = None
+    if self.from_features:
+      v_tokens = self._feature_tokens(face) if self._use[0] else None
+      a_tokens = self._feature_tokens(mel) if self._use[1] else None
     if self.image_encoder is not None:
-      grid, _ = self.image_encoder(face_to_input(face, self.image_size), rngs=rngs)
+      grid, _ = self.image_encoder(face_to_input(face, self.image_size, self.image_stats),
+                                   rngs=rngs)
       v_tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
     if self.audio_encoder is not None:
-      grid, _ = self.audio_encoder(mel_to_input(mel, self.audio_size, self.audio_chans),
-                                   rngs=rngs)
+      grid, _ = self.audio_encoder(
+          mel_to_input(mel, self.audio_size, self.audio_chans, self.audio_stats), rngs=rngs)
       a_tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
     logits, gates = self.fusion(v_tokens, a_tokens, avail, rngs=rngs)
     return {"logits": logits, "gates": gates}
+

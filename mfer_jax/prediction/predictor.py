@@ -75,7 +75,8 @@ class Predictor:
     self.face_size = int(self.config.data.face_size)
     self.num_classes = int(self.config.model.num_classes)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    spec = state_lib.ModelSpec(self.config.model)
+    spec = state_lib.ModelSpec(self.config.model,
+                               from_features=bool(self.config.data.features_dir))
     tx, _ = optimizer.make_optimizer(self.config.train, 1)
     shardings = state_lib.state_shardings(spec, tx, mesh, self.config.mesh.rules,
                                           ema=state_lib.uses_ema(self.config.train))
@@ -99,14 +100,68 @@ class Predictor:
       return jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1), out["gates"]
 
     self._forward = jax.jit(forward)
+    self.from_features = spec.from_features
+    self._workdir = pathlib.Path(workdir)
+    self._extractor = None
+
+  def encoders(self):
+    """The frozen encoders of a feature-cache run (built once, on first use).
+
+    The run's ``feature_cache.json`` records the weights its features came from; encoders
+    whose init files now hold other weights are refused, with both hashes.
+    """
+    if self._extractor is None:
+      from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
+      from mfer_jax.features import extractor  # pylint: disable=g-import-not-at-top
+      record = self._workdir / "feature_cache.json"
+      if not record.is_file():
+        raise WorkdirError(f"{record} not found: {self._workdir} trained on cached features "
+                           "but does not say which; retrain it with this version")
+      trained = json.loads(record.read_text())["weights"]
+      now = cache.weights(self.config)
+      for kind in cache.MODALITIES:
+        if trained[kind] != now[kind]:
+          raise WorkdirError(
+              f"model.{kind}.init_file={self.config.model[kind].init_file} has sha256 "
+              f"{now[kind][:12] or '(none)'} but {self._workdir} was trained on features of "
+              f"sha256 {trained[kind][:12] or '(random init)'}; restore the original weights "
+              "file at that path")
+      self._extractor = extractor.FeatureExtractor(self.config)
+    return self._extractor
+
+  def encode(self, face: np.ndarray, mel: np.ndarray, has_face: np.ndarray,
+             media: str | os.PathLike, fps) -> tuple[np.ndarray, np.ndarray]:
+    """A feature-cache run's model inputs: the encoders' features of every frame.
+
+    Exactly what extraction computes: faces through the image encoder (zeros without a
+    face); audio from ``mel`` (Swin / ViT audio) or from the media's waveform (wav2vec 2.0 /
+    HuBERT, silence when it has no decodable audio).
+    """
+    ext = self.encoders()
+    image = np.zeros((face.shape[0], ext.image_dim), np.float32)
+    if has_face.any():
+      image[has_face] = ext.image_features(face[has_face])
+    if ext.audio_from_waveform:
+      from mfer_jax.features import extract  # pylint: disable=g-import-not-at-top
+      from mfer_jax.media import decode  # pylint: disable=g-import-not-at-top
+      try:
+        wave = extract.load_waveform(str(media))
+      except decode.MediaError:
+        wave = np.zeros(0, np.float32)
+      audio = ext.waveform_features(wave, fps, np.arange(1, face.shape[0] + 1))
+    else:
+      audio = ext.mel_features(mel)
+    return image, audio
 
   def predict(self, face: np.ndarray, mel: np.ndarray,
               has_face: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and modality gates for N frames.
 
     Args:
-      face: uint8 [N, face_size, face_size, 3] RGB crops (zeros where there is no face).
-      mel: uint8 [N, n_mels, T] log-mel windows, built as in data preparation.
+      face: uint8 [N, face_size, face_size, 3] RGB crops (zeros where there is no face);
+        for a feature-cache run, the image features from `encode`.
+      mel: uint8 [N, n_mels, T] log-mel windows, built as in data preparation; for a
+        feature-cache run, the audio features from `encode`.
       has_face: bool [N].
 
     Returns:

@@ -96,7 +96,10 @@ def predict_video(predictor: predictor_lib.Predictor, params: audio_features.Fea
   results = []
   for inputs in frames.read_video(video, params, predictor.face_size, crops, detect_every,
                                   person):
-    probs, gates = predictor.predict(inputs.face, inputs.mel, inputs.has_face)
+    face, mel = inputs.face, inputs.mel
+    if predictor.from_features:   # a head trained on cached features: encoders first
+      face, mel = predictor.encode(face, mel, inputs.has_face, video, inputs.fps)
+    probs, gates = predictor.predict(face, mel, inputs.has_face)
     probs = labels_lib.smooth(labels_lib.fill_no_face(probs, inputs.has_face, no_face),
                               smooth_window)
     predicted = probs.argmax(-1)

@@ -26,10 +26,7 @@ from mfer_jax import constants, files
 from mfer_jax.data import records
 from mfer_jax.data import store
 
-# Aff-Wild2 valid frames per class (docs/data.md#aff-wild2-in-numbers), in thousands: the
-# default imbalance.
-AFFWILD2_CLASS_PROBS = tuple(np.array([262.6, 23.3, 16.3, 17.6, 129.3, 106.3, 43.0, 278.1])
-                             / 876.5)
+AFFWILD2_CLASS_PROBS = constants.AFFWILD2_CLASS_PROBS   # the default imbalance
 
 _VARIANTS = 6       # pre-encoded face / mel variants per class
 _MEAN_RUN = 8       # mean length of a run of same-label frames

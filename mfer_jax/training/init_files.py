@@ -12,8 +12,9 @@ from flax import nnx
 from mfer_jax import console, errors
 from ml_collections import ConfigDict
 
+from mfer_jax.models import encoders
+from mfer_jax.models import model as model_lib
 from mfer_jax.models import swin_import
-from mfer_jax.models.model import encoder_config
 from mfer_jax.training.state import ModelSpec, TrainState
 
 
@@ -27,11 +28,13 @@ def apply_init_files(config: ConfigDict, spec: ModelSpec, state: TrainState) -> 
   The loaded values take each param's existing sharding, so this works on a sharded state.
   Optimizer moments start at zero whatever the params are, so they need no change.
   """
+  if spec.from_features:
+    return state   # the init files made the cached features; the model has no encoders
   model = spec.merge(state.params)
   loaded = False
-  for key, enc_cfg, in_chans, encoder in (
-      ("model.image.init_file", config.model.image, 3, model.image_encoder),
-      ("model.audio.init_file", config.model.audio, config.model.audio.in_chans,
+  for key, enc_cfg, arch_fn, encoder in (
+      ("model.image.init_file", config.model.image, model_lib.image_arch, model.image_encoder),
+      ("model.audio.init_file", config.model.audio, model_lib.audio_arch,
        model.audio_encoder)):
     path = enc_cfg.init_file
     if not path:
@@ -41,12 +44,12 @@ def apply_init_files(config: ConfigDict, spec: ModelSpec, state: TrainState) -> 
                       config.model.fusion.name)
       continue
     try:
-      params = swin_import.load_swin_params(path, encoder_config(enc_cfg, in_chans))
-      swin_import.apply_to_model(encoder, params)
+      encoders.load_pretrained(encoder, path, arch_fn(config.model))
     except (OSError, swin_import.CheckpointError) as e:
       raise InitFileError(f"{key}={path}: {errors.one_line(str(e))}; convert a timm or "
-                          "Microsoft Swin checkpoint with `python -m mfer_jax.tools.convert "
-                          "--help`, or set the key to '' to train from scratch") from e
+                          f"Hugging Face checkpoint of the {enc_cfg.family} family with "
+                          "`python -m mfer_jax.tools.convert --help`, or set the key to '' to "
+                          "train from scratch") from e
     console.say(f"Initialised the {key.split('.')[1]} encoder from {path}")
     loaded = True
   if not loaded:

@@ -90,12 +90,24 @@ def write_run_files(config: ConfigDict, workdir: pathlib.Path,
     files.atomic_write_json(workdir / "features.json", train_index.features)
 
 
+def _check_feature_cache(config: ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses a cache made with other encoders, weights or parameters than the config names,
+  and keeps what made it beside the run (prediction checks the encoders against it)."""
+  from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
+  meta = cache.check_config(config)
+  if jax.process_index() == 0:
+    files.atomic_write_json(workdir / "feature_cache.json",
+                            {k: meta[k] for k in ("spec", "spec_hash", "weights", "dims")})
+
+
 def build_run(config: ConfigDict, workdir: str) -> Run:
   """Builds mesh, data, evaluators, state (restored or initialised) and the checkpointer."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   train_index = sources.load_split(config.data, "train")
+  if config.data.features_dir:   # refused before anything is built or compiled
+    _check_feature_cache(config, workdir)
   weights = class_loss_weights(config.train, np.asarray(train_index.label),
                                config.model.num_classes)
   train_iter = pipeline.make_train_iterator(config.data, train_index)
@@ -104,7 +116,7 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   if config.train.max_steps > 0:
     total_steps = min(total_steps, config.train.max_steps)
   tx, schedule = optimizer.make_optimizer(config.train, total_steps)
-  spec = state_lib.ModelSpec(config.model)
+  spec = state_lib.ModelSpec(config.model, from_features=bool(config.data.features_dir))
   state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
   # Every eval split is opened and checked now, not at the first evaluation.
   evaluators = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params)
@@ -143,7 +155,8 @@ def compile_train_step(run: Run, state: state_lib.TrainState, batch: dict[str, j
   else:
     plain = run.config.copy_and_resolve_references()
     plain.model.remat = "none"
-    spec = state_lib.ModelSpec(plain.model, precision=run.spec.precision)
+    spec = state_lib.ModelSpec(plain.model, precision=run.spec.precision,
+                               from_features=run.spec.from_features)
     flops = performance.cost_flops(build(spec, plain).lower(state, batch)) / jax.device_count()
   kind = jax.devices()[0].device_kind
   acc = accelerators.for_device_kind(kind)
@@ -363,7 +376,11 @@ def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> d
         f"{ckpt_dir} not found: {workdir} has no checkpoint to evaluate; train first with "
         "--mode=train")
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  spec = state_lib.ModelSpec(config.model)
+  features_dir = bool(config.data.features_dir)
+  if features_dir:   # the head reads cached features: they must be the run's
+    from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
+    cache.check_config(config)
+  spec = state_lib.ModelSpec(config.model, from_features=features_dir)
   tx, _ = optimizer.make_optimizer(config.train, 1)   # the state's structure, for restoring
   state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules,
                                       ema=state_lib.uses_ema(config.train))

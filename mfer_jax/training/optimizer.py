@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 
 from mfer_jax import errors
 from mfer_jax.constants import DTYPES
+from mfer_jax.training import layer_decay
 
 
 MU_DTYPES = DTYPES
@@ -29,7 +30,8 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
 
   Args:
     cfg: ``config.train``: optimizer, learning_rate, warmup_steps, final_lr_ratio,
-      weight_decay, b1, b2, grad_clip_norm, mu_dtype.
+      weight_decay, b1, b2, grad_clip_norm, mu_dtype, layer_decay
+      (`mfer_jax.training.layer_decay`).
     total_steps: optimizer steps of the whole run (for the cosine decay).
 
   Returns:
@@ -54,6 +56,11 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
               optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype)]
   else:
     raise ValueError(f"train.optimizer {cfg.optimizer!r}: choose 'adamw' or 'adam'")
+  decay = float(cfg.get("layer_decay", 1.0))
+  if not 0.0 < decay <= 1.0:
+    raise errors.UsageError(f"train.layer_decay={decay}: choose a value in (0, 1] (1 = off)")
+  if decay != 1.0:
+    parts.append(layer_decay.scale_by_layer(decay))
   return optax.chain(*parts), schedule
 
 

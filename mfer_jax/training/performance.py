@@ -44,6 +44,12 @@ def cost_flops(stage: Any) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
+# Logged metrics that measure wall time: they differ between two runs of the same config
+# (everything else in a metrics.jsonl row is bitwise reproducible on one machine).
+WALL_CLOCK_METRICS = ("step_time_s", "data_wait_s", "compute_s", "data_wait_fraction",
+                      "tflops_per_s_per_device", "mfu", "examples_per_second")
+
+
 class StepTimer:
   """Accumulates data wait and step count over a logging window and turns them into rows.
 

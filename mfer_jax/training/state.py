@@ -60,13 +60,18 @@ def eval_params(state: TrainState) -> Any:
 class ModelSpec:
   """The static half of the model (graph definition) plus its non-param variables.
 
-  ``merge(params)`` rebuilds a callable model inside jit.
+  ``merge(params)`` rebuilds a callable model inside jit. ``from_features``: the model of a
+  feature-cache run (``data.features_dir``), fusion and head only.
   """
 
-  def __init__(self, model_cfg: ConfigDict, precision: Precision | None = None):
-    """Args: the model config, and optionally a resolved precision overriding its own."""
+  def __init__(self, model_cfg: ConfigDict, precision: Precision | None = None,
+               from_features: bool = False):
+    """Args: the model config, optionally a resolved precision overriding its own, and
+    whether the model reads cached features (no encoders)."""
+    self.from_features = bool(from_features)
     abstract = nnx.eval_shape(lambda: ExpressionModel(model_cfg, rngs=nnx.Rngs(0),
-                                                      precision=precision))
+                                                      precision=precision,
+                                                      from_features=self.from_features))
     self.model_cfg = model_cfg
     self.precision: Precision = abstract.precision
     self.graphdef, self.abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
@@ -79,7 +84,8 @@ class ModelSpec:
 
 
 def _init_params(spec: ModelSpec, key: jax.Array):
-  model = ExpressionModel(spec.model_cfg, rngs=nnx.Rngs(params=key), precision=spec.precision)
+  model = ExpressionModel(spec.model_cfg, rngs=nnx.Rngs(params=key), precision=spec.precision,
+                          from_features=spec.from_features)
   return nnx.state(model, nnx.Param)
 
 

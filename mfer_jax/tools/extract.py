@@ -1,0 +1,45 @@
+r"""Extracts per-frame encoder features of a prepared dataset, for training heads on top.
+
+  python -m mfer_jax.tools.extract --config=configs/abaw_features.py \
+      --data_dir=/data/affwild2_prepared --out=/data/affwild2_features \
+      --media_root=/data/Aff-Wild2 [--splits=train,validation]
+
+The config names the encoders and their weights (``model.image`` / ``model.audio``: family,
+variant, init_file) and the feature parameters (``features.*``); training with the same config
+and ``--config.data.features_dir=FEATURES`` reads the cache and refuses one made with other
+encoders, weights or parameters. Faces come from the prepared records; wav2vec 2.0 / HuBERT
+audio from the original media under --media_root (the root the data was prepared from:
+``metadata.json`` names each video's media relative to it); Swin / ViT audio from the
+records' log-mel windows. Runs on all local devices. Resumable: rerun the same command after
+an interruption and finished videos are skipped (docs/foundation.md).
+"""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+from mfer_jax import cli, constants
+from mfer_jax.features import extract
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file naming the encoders, "
+                                          "e.g. configs/abaw_features.py.", lock_config=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared dataset (python -m data_prep.build).",
+                                required=True)
+_OUT = flags.DEFINE_string("out", None, "Feature cache directory to write.", required=True)
+_MEDIA_ROOT = flags.DEFINE_string(
+    "media_root", "", "Aff-Wild2 root the data was prepared from (the media of wav2vec2 / "
+    "hubert audio); not needed for Swin / ViT audio, which reads the records' log-mels.")
+_SPLITS = flags.DEFINE_list("splits", ["train", "validation"],
+                            f"Splits to extract, among {','.join(constants.SPLITS)}.")
+flags.mark_flags_as_required(["config"])
+
+
+def main() -> None:
+  extract.extract(_CONFIG.value, _DATA_DIR.value, _OUT.value,
+                  splits=[s.strip() for s in _SPLITS.value if s.strip()],
+                  media_root=_MEDIA_ROOT.value)
+
+
+if __name__ == "__main__":
+  cli.run(main)
