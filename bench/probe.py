@@ -11,7 +11,7 @@ records the model sees (no augmentation):
   over time per mel band (64 values), plus a has-face flag; features are standardised with
   the train split's statistics; classes are weighted inversely to their train frequency,
   which is what macro-F1 rewards (as dynamic resampling does for the deep model). It is fit
-  for each L2 strength of ``--C`` and the best on validation is reported as "best probe":
+  for each inverse L2 strength C of ``--c_values`` and the best on validation is reported as "best probe":
   choosing C on the evaluation split flatters the probe, which makes it a conservative bar.
 - **chance**: guessing each label at random with the train split's class frequencies. Its
   expected per-class F1 is 2 p_c q_c / (p_c + q_c) (p: guess rate, q: the split's own class
@@ -43,7 +43,7 @@ from mfer_jax.data import store
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config whose data to "
                                           "probe (its data.data_dir and eval split).")
 _FACE = flags.DEFINE_integer("face_pixels", 24, "Side of the grey face thumbnail.")
-_C = flags.DEFINE_list("C", ["0.001", "0.01", "0.1", "1"],
+_C = flags.DEFINE_list("c_values", ["0.001", "0.01", "0.1", "1"],
                        "Inverse L2 strengths of the logistic regression to try.")
 _MAX_ITER = flags.DEFINE_integer("max_iter", 2000, "lbfgs iterations.")
 

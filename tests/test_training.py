@@ -507,8 +507,10 @@ def test_adam_is_adam_with_l2_decay_on_matrices():
 
 def test_init_file_loads_into_an_fsdp_sharded_state(data_dir, tmp_path):
   """model.image.init_file into a state sharded over an fsdp axis of 8 devices: the encoder
-  holds the file's values exactly, and every param keeps its sharding."""
+  holds the file's values exactly, every param keeps its sharding, and the EMA of the params
+  starts from the loaded values."""
   config = tiny_config(data_dir)
+  config.train.ema_decay = 0.9
   enc_cfg = model_lib.encoder_config(config.model.image, 3)
   rng = np.random.default_rng(1)
   values = {p: rng.normal(size=s).astype(np.float32)
@@ -531,6 +533,10 @@ def test_init_file_loads_into_an_fsdp_sharded_state(data_dir, tmp_path):
   assert split > 10   # the fsdp axis really splits the encoder's kernels
   same = jax.tree.map(lambda a, s: a.sharding == s, loaded.params, state_sh.params)
   assert all(jax.tree.leaves(same))
+  for ema, param in zip(jax.tree.leaves(loaded.ema_params), jax.tree.leaves(loaded.params),
+                        strict=True):
+    assert ema.sharding == param.sharding
+    np.testing.assert_array_equal(np.asarray(ema), np.asarray(param))
 
 
 def test_eval_mode_needs_only_the_eval_split_and_writes_beside_its_checkpoint(
