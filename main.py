@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from data_prep import api as data_prep_api
-from mfer_jax import cli, runner
+from mfer_jax import cli, config_lib, runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/abaw.py.",
                                           lock_config=True)
@@ -30,6 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main() -> None:
+  config_lib.validate(_CONFIG.value)   # before any data preparation or device work
   runner.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                       _PROCESS_ID.value)
   # The demo config names a synthetic set; making it is data preparation, not the library's.

@@ -11,9 +11,13 @@ from typing import Callable
 
 from ml_collections import ConfigDict
 
-from mfer_jax import sharding
+from mfer_jax import errors, sharding
 from mfer_jax.data import config as data_config
-from mfer_jax.constants import DTYPES, FUSION_VARIANTS, SAMPLING_MODES
+from mfer_jax.constants import DTYPES, FUSION_VARIANTS, SAMPLING_MODES, TEMPORAL_HEADS
+
+
+# Clip length a `temporal=` variant sets when the config is in frame mode (T = 1).
+DEFAULT_CLIP_LENGTH = 16
 
 
 def _encoder(in_chans: int) -> ConfigDict:
@@ -78,6 +82,20 @@ def base_config() -> ConfigDict:
           "dropout": 0.1,
           "gate_hidden": 128,     # hidden width of the modality-gate MLP (gated, mfm*)
       },
+      # The temporal head over the fused features of a clip's frames (models/temporal.py,
+      # docs/temporal.md); any head but none needs data.sequence.length >= 2.
+      "temporal": {
+          "name": "none",         # none | transformer | tcn
+          "num_layers": 2,        # transformer blocks
+          "num_heads": 4,         # transformer heads; must divide the fused width
+          "mlp_ratio": 2.0,       # hidden width / feature width (transformer MLP, tcn blocks)
+          "dropout": 0.1,         # on every residual branch of the head
+          "position": "relative",  # transformer: learned (absolute) | relative (bias per head)
+          "max_length": 64,       # longest clip the position table holds (>= sequence.length)
+          "kernel_size": 3,       # tcn: taps per convolution (odd: centred, non-causal)
+          "dilations": (1, 2, 4),  # tcn: one residual block per dilation; receptive field
+                                  # 1 + (kernel_size - 1) * sum(dilations) clip slots
+      },
   })
   c.data = data_config.default_data_config()
   # Cached encoder features (`python -m mfer_jax.tools.extract`, mfer_jax/features.py): how
@@ -113,6 +131,9 @@ def base_config() -> ConfigDict:
       # min(ema_decay, (1 + step) / (10 + step)), training/step.py); it is checkpointed, and
       # the evaluators (so the best checkpoint) and prediction use it instead of the params.
       "ema_decay": 0.0,
+      "loss": "cross_entropy",    # cross_entropy | focal (training/losses.py)
+      "focal_gamma": 2.0,         # focal: (1 - p_t)^gamma down-weights easy frames; 0 = CE
+      "focal_alpha": (),          # focal: () or one weight per class (alpha_c of the target)
       "class_weights": "none",    # none | inverse | inverse_sqrt (loss weights from counts)
       "log_every_steps": 50,
       # "A:B" writes a jax.profiler trace of steps A..B-1 to <workdir>/profile; "" = off.
@@ -196,6 +217,39 @@ def _audio(c: ConfigDict, value: str) -> None:
   _encoder_choice(c.model.audio, value, "audio", waveform=True)
 
 
+def set_clip_length(c: ConfigDict, length: int) -> None:
+  """Sets ``data.sequence.length`` and keeps the frames per batch and per epoch.
+
+  ``data.batch_size``, ``data.eval_batch_size`` and a non-zero ``data.sampling.epoch_size``
+  count clips (or windows), so they are scaled by old length / new length (at least 1): a
+  frame-mode config with batch 32 becomes 2 clips of 16 frames, and its ablation rows compare
+  heads at the same compute per step and the same frames per epoch.
+  """
+  old = int(c.data.sequence.length)
+  length = int(length)
+  if length < 1:
+    raise ValueError(f"clip={length}: the clip length must be >= 1")
+  rescale = lambda n: max(1, int(n) * old // length)  # noqa: E731
+  c.data.batch_size = rescale(c.data.batch_size)
+  c.data.eval_batch_size = rescale(c.data.eval_batch_size)
+  if c.data.sampling.epoch_size:
+    c.data.sampling.epoch_size = rescale(c.data.sampling.epoch_size)
+  c.data.sequence.length = length
+
+
+def _temporal(c: ConfigDict, value: str) -> None:
+  if value not in TEMPORAL_HEADS:
+    raise ValueError(f"temporal={value!r}: choose one of {TEMPORAL_HEADS}")
+  c.model.temporal.name = value
+  if value != "none" and c.data.sequence.length == 1:
+    # A temporal head needs clips; 'none' keeps the config's mode (frames by default).
+    set_clip_length(c, DEFAULT_CLIP_LENGTH)
+
+
+def _clip(c: ConfigDict, value: str) -> None:
+  set_clip_length(c, int(value))
+
+
 VARIANT_KEYS: dict[str, Callable[[ConfigDict, str], None]] = {
     "image": _image,
     "audio": _audio,
@@ -204,7 +258,36 @@ VARIANT_KEYS: dict[str, Callable[[ConfigDict, str], None]] = {
     "size": _size,
     "seed": _seed,
     "dtype": _dtype,
+    "temporal": _temporal,
+    "clip": _clip,
 }
+
+
+def validate(c: ConfigDict) -> ConfigDict:
+  """Checks the values that config files and ``--config.*`` overrides can get wrong together.
+
+  Called when a run, a prediction or a sweep starts, after every override, so a bad
+  combination fails at once with one line instead of minutes into a run.
+
+  Raises:
+    errors.UsageError: naming the key and the fix.
+  """
+  from mfer_jax.data import clips  # pylint: disable=g-import-not-at-top
+  from mfer_jax.models import temporal  # pylint: disable=g-import-not-at-top
+  from mfer_jax.training import losses  # pylint: disable=g-import-not-at-top
+  seq = clips.SequenceOptions.from_config(c.data.sequence)
+  temporal.check_config(c.model.temporal)
+  head = c.model.temporal.name
+  if head != "none" and seq.length < 2:
+    raise errors.UsageError(
+        f"model.temporal.name={head!r} needs clips: set data.sequence.length >= 2 (e.g. "
+        f"--config.data.sequence.length={DEFAULT_CLIP_LENGTH}), or use temporal head 'none'")
+  if head == "transformer" and seq.length > c.model.temporal.max_length:
+    raise errors.UsageError(
+        f"data.sequence.length={seq.length} exceeds model.temporal.max_length="
+        f"{c.model.temporal.max_length}; raise model.temporal.max_length")
+  losses.check_config(c.train, c.model.num_classes)
+  return c
 
 
 def apply_variant_args(c: ConfigDict, arg: str | None) -> ConfigDict:

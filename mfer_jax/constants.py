@@ -39,6 +39,9 @@ FIXED_GATE_FUSIONS = ("visual_only", "audio_only", "concat", "sum")
 # Train-set sampling modes (mfer_jax.data.sampling): weighted resampling, or each frame once.
 SAMPLING_MODES = ("dynamic", "natural")
 
+# Temporal heads over a clip's frames (mfer_jax.models.temporal), in ablation-table order.
+TEMPORAL_HEADS = ("none", "transformer", "tcn")
+
 # Compute dtypes a config may name.
 DTYPES = ("float32", "bfloat16")
 # How matmuls are computed (model.precision.matmul; mfer_jax.models.layers).

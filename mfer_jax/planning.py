@@ -125,7 +125,9 @@ def abstract_batch(config: ConfigDict, global_batch: int, mesh: Mesh) -> dict:
 
   The log-mel window size comes from the default `FeatureParams` (the model resizes it to the
   audio encoder's input on device, so it hardly matters). With ``data.features_dir`` the
-  batch holds the cached float32 encoder features instead, as the pipeline then makes it.
+  batch holds the cached float32 encoder features instead, as the pipeline then makes it. With
+  clips (``data.sequence.length`` T > 1) ``global_batch`` counts clips: every field gains a
+  time axis of T and the batch a ``present`` mask, as in `mfer_jax.data.pipeline`.
   """
   features = FeatureParams()
   face = config.data.face_size
@@ -135,9 +137,14 @@ def abstract_batch(config: ConfigDict, global_batch: int, mesh: Mesh) -> dict:
   if config.data.features_dir:
     shapes["face"] = ((encoders.width(model_lib.image_arch(config.model)),), jnp.float32)
     shapes["mel"] = ((encoders.width(model_lib.audio_arch(config.model)),), jnp.float32)
+  length = int(config.data.sequence.length)
+  time_axis = (length,) if length > 1 else ()
+  if time_axis:
+    shapes["present"] = ((), jnp.bool_)
   rules = config.mesh.rules
-  return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype,
-                                  sharding=sharding.batch_sharding(mesh, rules, 1 + len(shape)))
+  return {k: jax.ShapeDtypeStruct(
+      (global_batch, *time_axis, *shape), dtype,
+      sharding=sharding.batch_sharding(mesh, rules, 1 + len(time_axis) + len(shape)))
           for k, (shape, dtype) in shapes.items()}
 
 

@@ -163,11 +163,11 @@ def test_config_that_ignores_the_variant_is_refused(tmp_path):
 # --- Tables and claims on hand-made runs (no training) -----------------------------------------
 
 
-def _fake_sweep(workdir, table):
+def _fake_sweep(workdir, table, temporal="none"):
   """Finished-looking runs: {(fusion, sampling): [macro-F1 per seed]}."""
   for (fusion, sampling), values in table.items():
     for seed, f1 in enumerate(values):
-      run = workdir / f"{fusion}-{sampling}-seed{seed}"
+      run = workdir / runs.Variant(fusion, sampling, seed, temporal).name
       evaluation.write_eval(run, 3, {"macro_f1": f1 - 0.1, "accuracy": 0.0})
       evaluation.write_eval(run, 7, {"macro_f1": f1, "accuracy": f1 / 2})
       atomic_write_json(run / runs.MARKER, {"final_step": 7, "macro_f1": f1})
@@ -242,3 +242,27 @@ def test_claims_not_testable_and_in_the_markdown(tmp_path):
   assert ("2. **Dynamic resampling raises macro-F1 over natural sampling**: partly supported."
           in md)
   assert "`mfm`: dynamic 0.5000 vs natural 0.6000 (-0.1000)" in md
+
+
+def test_temporal_axis_names_runs_and_adds_table_rows(tmp_path):
+  variants = sweep_lib.variants_of(["mfm"], ["dynamic"], [0, 1], ["none", "transformer"])
+  assert [v.name for v in variants] == ["mfm-dynamic-seed0", "mfm-dynamic-seed1",
+                                        "mfm-dynamic-transformer-seed0",
+                                        "mfm-dynamic-transformer-seed1"]
+  assert variants[2].arg == "fusion=mfm,sampling=dynamic,temporal=transformer,seed=0"
+  assert runs.RUN_NAME.match("visual_only-natural-tcn-seed3")["temporal"] == "tcn"
+  assert runs.RUN_NAME.match("visual_only-natural-seed3")["temporal"] is None
+  with pytest.raises(runs.AblationError, match="temporal heads"):
+    sweep_lib.variants_of(["mfm"], ["dynamic"], [0], ["lstm"])
+  # A head on the frame-mode tiny config gets clips; the config check passes for every variant.
+  sweep_lib.check_config(SWEEP_CONFIG, "", variants, ())
+  _fake_sweep(tmp_path, {("mfm", "dynamic"): [0.40, 0.42]})
+  _fake_sweep(tmp_path, {("mfm", "dynamic"): [0.50, 0.52]}, temporal="transformer")
+  rows = tables.summarize_sweep(tmp_path)
+  assert [(r["temporal"], r["n_seeds"]) for r in rows] == [("none", 2), ("transformer", 2)]
+  md = tables.write_tables(tmp_path)[0].read_text()
+  assert "| mfm | dynamic | transformer | 0.5100 ± 0.0141 | 2 |" in md
+  assert "A temporal head raises macro-F1 over the frame model**: supported." in md
+  assert "transformer 0.5100 vs frame model 0.4100 (+0.1000)" in md
+  with open(tmp_path / "ablation.csv") as f:
+    assert [r["temporal"] for r in csv.DictReader(f)] == ["none", "transformer"]

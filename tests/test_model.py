@@ -79,25 +79,29 @@ def test_reported_gates_are_the_weights_the_head_sees(fusion):
 
 
 def test_sigmoid_concat_head_sees_each_modality_scaled_by_its_own_weight():
-  """mfm_sigmoid_concat: logits = W_v (2 g_v visual) + W_a (2 g_a audio) + b. With no
-  cross-attention block each pooled feature ignores the other modality, so with both
-  modalities the logits (minus the head bias) are each single-modality run's, rescaled by the
-  ratio of that modality's weight with both to its weight alone."""
+  """mfm_sigmoid_concat feeds the head [2 g_v visual, 2 g_a audio]. With no cross-attention
+  block each pooled feature ignores the other modality, so with both modalities each half is
+  the single-modality run's half, rescaled by the ratio of that modality's weight with both
+  to its weight alone, and a missing modality's half is zero."""
   cfg = tiny_model_config("mfm_sigmoid_concat").fusion
   cfg.num_layers = 0
   fuse = fusion_lib.Fusion(cfg, 24, 40, 8, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   v = jnp.asarray(rng.normal(size=(3, 5, 24)), jnp.float32)
   a = jnp.asarray(rng.normal(size=(3, 7, 40)), jnp.float32)
-  out = {name: fuse(v, a, jnp.asarray([avail] * 3)) for name, avail in
+  out = {name: [np.asarray(x) for x in fuse(v, a, jnp.asarray([avail] * 3))] for name, avail in
          (("both", [True, True]), ("visual", [True, False]), ("audio", [False, True]))}
-  bias = np.asarray(fuse.head.bias[...])
-  g = {name: np.asarray(gates) for name, (_, gates) in out.items()}
+  d = cfg.dim
+  g = {name: gates for name, (_, gates) in out.items()}
   assert (g["visual"][:, 1] == 0).all() and (g["audio"][:, 0] == 0).all()
   assert not np.allclose(g["both"].sum(-1), 1.0)   # not a share: sigmoid weights
-  visual = (np.asarray(out["visual"][0]) - bias) * (g["both"][:, :1] / g["visual"][:, :1])
-  audio = (np.asarray(out["audio"][0]) - bias) * (g["both"][:, 1:] / g["audio"][:, 1:])
-  np.testing.assert_allclose(np.asarray(out["both"][0]) - bias, visual + audio, atol=1e-5)
+  assert (out["visual"][0][:, d:] == 0).all() and (out["audio"][0][:, :d] == 0).all()
+  np.testing.assert_allclose(out["both"][0][:, :d],
+                             out["visual"][0][:, :d] * g["both"][:, :1] / g["visual"][:, :1],
+                             atol=1e-5)
+  np.testing.assert_allclose(out["both"][0][:, d:],
+                             out["audio"][0][:, d:] * g["both"][:, 1:] / g["audio"][:, 1:],
+                             atol=1e-5)
 
 
 def test_single_modality_variants_build_one_encoder():

@@ -1,7 +1,9 @@
 """The run layout of an ablation sweep: variants, their directories and completion markers.
 
-A sweep directory holds one run per variant, ``<fusion>-<sampling>-seed<k>/`` (a normal
-main.py workdir). A run is finished when its completion marker (`MARKER`, written atomically
+A sweep directory holds one run per variant, ``<fusion>-<sampling>-seed<k>/`` for the frame
+model and ``<fusion>-<sampling>-<temporal head>-seed<k>/`` with a temporal head (a normal
+main.py workdir; the frame model keeps the name it had before the temporal axis existed, so
+older sweeps resume). A run is finished when its completion marker (`MARKER`, written atomically
 after the run's final evaluation) exists; it records the sweep spec the run was made with.
 """
 
@@ -16,13 +18,16 @@ from typing import Any
 from mfer_jax import constants, errors
 
 MARKER = "ablate_done.json"
-SWEEP_KEYS = ("fusion", "sampling", "seed")
+SWEEP_KEYS = ("fusion", "sampling", "temporal", "seed")
 FUSION_ORDER = constants.FUSION_VARIANTS      # table order
 SINGLE = constants.SINGLE_MODALITY_FUSIONS
 FUSED = tuple(f for f in FUSION_ORDER if f not in SINGLE)
 SAMPLING_ORDER = constants.SAMPLING_MODES
-DEFAULT_SWEEP = ("visual_only", "audio_only", "concat", "gated", "mfm", "mfm_sigmoid_concat")
-RUN_NAME = re.compile(r"^(?P<fusion>[a-z_]+)-(?P<sampling>[a-z]+)-seed(?P<seed>\d+)$")
+TEMPORAL_ORDER = constants.TEMPORAL_HEADS
+DEFAULT_SWEEP = ("visual_only", "audio_only", "concat", "gated", "mfm",
+                 "mfm_sigmoid_concat")
+RUN_NAME = re.compile(
+    r"^(?P<fusion>[a-z_]+)-(?P<sampling>[a-z]+)(?:-(?P<temporal>[a-z]+))?-seed(?P<seed>\d+)$")
 
 
 class AblationError(errors.UserError, ValueError):
@@ -38,14 +43,17 @@ class Variant:
   fusion: str
   sampling: str
   seed: int
+  temporal: str = "none"
 
   @property
   def name(self) -> str:
-    return f"{self.fusion}-{self.sampling}-seed{self.seed}"
+    head = "" if self.temporal == "none" else f"-{self.temporal}"
+    return f"{self.fusion}-{self.sampling}{head}-seed{self.seed}"
 
   @property
   def arg(self) -> str:
-    return f"fusion={self.fusion},sampling={self.sampling},seed={self.seed}"
+    return (f"fusion={self.fusion},sampling={self.sampling},temporal={self.temporal},"
+            f"seed={self.seed}")
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""The paper's ablations from one command: fusion variants x sampling modes x seeds.
+"""The paper's ablations from one command: fusion variants x sampling modes x temporal heads x
+seeds.
 
   python -m mfer_jax.tools.ablate --config=configs/demo.py --workdir=runs/ablate
   python -m mfer_jax.tools.ablate --config=configs/abaw.py:size=small --workdir=runs/abl \\
@@ -37,10 +38,11 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from mfer_jax import errors
+from mfer_jax import config_lib, errors
 from mfer_jax.ablation import tables
 from mfer_jax.ablation.runs import (DEFAULT_SWEEP, FUSION_ORDER, MARKER, SAMPLING_ORDER,
-                                    SWEEP_KEYS, AblationError, AblationUsageError, RunStatus,
+                                    SWEEP_KEYS, TEMPORAL_ORDER, AblationError,
+                                    AblationUsageError, RunStatus,
                                     Variant, read_json)
 from mfer_jax.files import atomic_write_json
 from mfer_jax.training import run_status
@@ -61,12 +63,14 @@ def split_config_arg(config: str) -> tuple[pathlib.Path, str]:
 
 
 def merged_arg(base_arg: str, variant: Variant) -> str:
-  """The base config argument plus the variant's keys; the sweep owns fusion/sampling/seed."""
+  """The base config argument plus the variant's keys; the sweep owns fusion, sampling,
+  temporal and seed."""
   items = [i for i in base_arg.split(",") if i.strip()]
   clash = [i for i in items if i.partition("=")[0].strip() in SWEEP_KEYS]
   if clash:
     raise AblationUsageError(f"--config argument sets {clash}, but the sweep sets "
-                             f"{SWEEP_KEYS} itself: use --sweep, --sampling and --seeds instead")
+                             f"{SWEEP_KEYS} itself: use --sweep, --sampling, --temporal and --seeds "
+                             "instead")
   return ",".join(items + [variant.arg])
 
 
@@ -93,10 +97,11 @@ def check_config(path: pathlib.Path, base_arg: str, variants: Sequence[Variant],
       c = get_config(merged_arg(base_arg, v))
     except (ValueError, KeyError) as e:
       raise AblationUsageError(f"{path.name}:{merged_arg(base_arg, v)}: {e}") from e
-    got = (c.model.fusion.name, c.data.sampling.mode, int(c.seed))
-    if got != (v.fusion, v.sampling, v.seed):
+    got = (c.model.fusion.name, c.data.sampling.mode, c.model.temporal.name, int(c.seed))
+    if got != (v.fusion, v.sampling, v.temporal, v.seed):
       raise AblationUsageError(
-          f"{path.name}:{merged_arg(base_arg, v)} gave fusion/sampling/seed {got}: this config "
+          f"{path.name}:{merged_arg(base_arg, v)} gave fusion/sampling/temporal/seed {got}: "
+          "this config "
           "file ignores its variant argument. Use a config whose get_config(arg) ends with "
           "config_lib.apply_variant_args(c, arg), like configs/abaw.py and configs/demo.py.")
     for o in overrides:
@@ -111,6 +116,10 @@ def check_config(path: pathlib.Path, base_arg: str, variants: Sequence[Variant],
                                    f"config key (e.g. data.data_dir=/data/prepared); {key!r} is "
                                    f"not one{hint}")
         node = node[part]
+    try:
+      config_lib.validate(c)
+    except errors.UsageError as e:
+      raise AblationUsageError(f"{path.name}:{merged_arg(base_arg, v)}: {e}") from e
 
 
 def run_command(config_path: pathlib.Path, base_arg: str, variant: Variant,
@@ -176,16 +185,19 @@ def _tail(path: pathlib.Path, n: int = 15) -> str:
     return ""
 
 
-def variants_of(fusions: Sequence[str], samplings: Sequence[str],
-                seeds: Sequence[int]) -> list[Variant]:
+def variants_of(fusions: Sequence[str], samplings: Sequence[str], seeds: Sequence[int],
+                temporals: Sequence[str] = ("none",)) -> list[Variant]:
   bad = [f for f in fusions if f not in FUSION_ORDER]
   bad += [s for s in samplings if s not in SAMPLING_ORDER]
+  bad += [t for t in temporals if t not in TEMPORAL_ORDER]
   if bad:
     raise AblationUsageError(f"unknown variant names {bad}: fusions are {FUSION_ORDER}, "
-                             f"sampling modes {SAMPLING_ORDER}")
-  if not (fusions and samplings and seeds):
-    raise AblationUsageError("--sweep, --sampling and --seeds each need at least one value")
-  return [Variant(f, s, int(k)) for f in fusions for s in samplings for k in seeds]
+                             f"sampling modes {SAMPLING_ORDER}, temporal heads {TEMPORAL_ORDER}")
+  if not (fusions and samplings and seeds and temporals):
+    raise AblationUsageError("--sweep, --sampling, --temporal and --seeds each need at least "
+                             "one value")
+  return [Variant(f, s, int(k), t) for f in fusions for s in samplings for t in temporals
+          for k in seeds]
 
 
 def run_sweep(config: str, workdir: str | os.PathLike,
@@ -193,7 +205,8 @@ def run_sweep(config: str, workdir: str | os.PathLike,
               samplings: Sequence[str] = SAMPLING_ORDER, seeds: Sequence[int] = (0,),
               overrides: Sequence[str] = (), dry_run: bool = False,
               python: str = sys.executable,
-              say: Callable[[str], None] = print) -> list[RunStatus]:
+              say: Callable[[str], None] = print,
+              temporals: Sequence[str] = ("none",)) -> list[RunStatus]:
   """Trains every variant not finished yet, then writes ablation.md / ablation.csv.
 
   Args:
@@ -201,6 +214,9 @@ def run_sweep(config: str, workdir: str | os.PathLike,
       ``config_lib.apply_variant_args``; the sweep appends fusion, sampling and seed to arg.
     workdir: the sweep directory; run k goes to ``workdir/<fusion>-<sampling>-seed<k>``.
     fusions, samplings, seeds: the grid (every combination runs).
+    temporals: temporal heads, a fourth axis of the grid ('none' is the frame model unless the
+      base config argument sets ``clip=T``; a head on a frame-mode config gets clips of
+      ``config_lib.DEFAULT_CLIP_LENGTH``).
     overrides: ``a.b=value`` items passed to each run as ``--config.a.b=value``.
     dry_run: only report which runs are finished, partial (checkpoints, no marker) or pending.
     python: interpreter for main.py.
@@ -215,7 +231,7 @@ def run_sweep(config: str, workdir: str | os.PathLike,
   """
   workdir = pathlib.Path(workdir).resolve()
   config_path, base_arg = split_config_arg(config)
-  variants = variants_of(fusions, samplings, seeds)
+  variants = variants_of(fusions, samplings, seeds, temporals)
   check_config(config_path, base_arg, variants, overrides)
   spec = _spec(config_path, base_arg, overrides)
   statuses = []
@@ -272,7 +288,7 @@ def _train_one(v: Variant, run_dir: pathlib.Path, cmd: Sequence[str], spec: dict
          f"{run_dir / 'train.log'}:\n{_tail(run_dir / 'train.log')}", say)
     return RunStatus(v, run_dir, "failed", why)
   atomic_write_json(run_dir / MARKER, {
-      **spec, "fusion": v.fusion, "sampling": v.sampling, "seed": v.seed,
+      **spec, "fusion": v.fusion, "sampling": v.sampling, "temporal": v.temporal, "seed": v.seed,
       "final_step": final["step"], "macro_f1": final["macro_f1"],
       "command": cmd, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
   _log(workdir, f"done {v.name} in {seconds:.0f} s: macro-F1 {final['macro_f1']:.4f} at step "

@@ -18,19 +18,19 @@ from typing import Any, Sequence
 
 from mfer_jax import evaluation
 from mfer_jax.ablation.runs import (FUSED, FUSION_ORDER, MARKER, RUN_NAME, SAMPLING_ORDER,
-                                    SINGLE, AblationError, read_json)
+                                    SINGLE, TEMPORAL_ORDER, AblationError, read_json)
 from mfer_jax.files import atomic_write_bytes
 
 
 def summarize_sweep(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """One row per (fusion, sampling) over the finished runs in ``workdir``.
+  """One row per (fusion, sampling, temporal head) over the finished runs in ``workdir``.
 
   The numbers are read from each run's eval JSON at the step its marker names, so the table is
-  exactly what the runs wrote. Row keys: fusion, sampling, n_seeds, seeds, macro_f1 (per seed),
+  exactly what the runs wrote. Row keys: fusion, sampling, temporal, n_seeds, seeds, macro_f1 (per seed),
   macro_f1_mean, macro_f1_std (sample std; NaN for one seed), macro_f1_min, macro_f1_max,
   accuracy (per seed), accuracy_mean, accuracy_std.
   """
-  groups: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
+  groups: dict[tuple[str, str, str], list[tuple[int, dict[str, Any]]]] = {}
   for run_dir in sorted(pathlib.Path(workdir).glob("*/" + MARKER)):
     run_dir = run_dir.parent
     m = RUN_NAME.match(run_dir.name)
@@ -41,21 +41,22 @@ def summarize_sweep(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     if not final:
       raise AblationError(f"{run_dir}/eval/{marker['final_step']}.json is missing although the "
                           f"run is marked finished; delete {run_dir / MARKER} to rerun it")
-    key = (m["fusion"], m["sampling"])
+    key = (m["fusion"], m["sampling"], m["temporal"] or "none")
     groups.setdefault(key, []).append((int(m["seed"]), final[0]))
   rows = []
-  for (fusion, sampling), runs in groups.items():
+  for (fusion, sampling, temporal), runs in groups.items():
     runs.sort(key=lambda r: r[0])
     f1 = [e["macro_f1"] for _, e in runs]
     acc = [e["accuracy"] for _, e in runs]
     rows.append({
-        "fusion": fusion, "sampling": sampling, "n_seeds": len(runs),
+        "fusion": fusion, "sampling": sampling, "temporal": temporal, "n_seeds": len(runs),
         "seeds": [s for s, _ in runs], "macro_f1": f1,
         "macro_f1_mean": statistics.fmean(f1), "macro_f1_std": _std(f1),
         "macro_f1_min": min(f1), "macro_f1_max": max(f1),
         "accuracy": acc, "accuracy_mean": statistics.fmean(acc), "accuracy_std": _std(acc)})
   rank = lambda name, order: order.index(name) if name in order else len(order)
-  rows.sort(key=lambda r: (rank(r["fusion"], FUSION_ORDER), rank(r["sampling"], SAMPLING_ORDER)))
+  rows.sort(key=lambda r: (rank(r["fusion"], FUSION_ORDER), rank(r["sampling"], SAMPLING_ORDER),
+                           rank(r["temporal"], TEMPORAL_ORDER)))
   return rows
 
 
@@ -71,8 +72,13 @@ class Claim:
   details: list[str]
 
 
+def _temporal(row: dict[str, Any]) -> str:
+  return row.get("temporal", "none")
+
+
 def _by(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-  return {(r["fusion"], r["sampling"]): r for r in rows}
+  """The frame-model rows (the paper's claims are about it) by (fusion, sampling)."""
+  return {(r["fusion"], r["sampling"]): r for r in rows if _temporal(r) == "none"}
 
 
 def _overall(results: Sequence[bool]) -> str:
@@ -135,16 +141,43 @@ def assess_claims(rows: Sequence[dict[str, Any]]) -> list[Claim]:
   return [claim1, claim2]
 
 
+def assess_temporal(rows: Sequence[dict[str, Any]]) -> Claim | None:
+  """Whether each temporal head beats the frame model (temporal 'none') with the same fusion
+  and sampling; None when the table has no temporal head."""
+  frame = _by(rows)
+  heads = [r for r in rows if _temporal(r) != "none"]
+  if not heads:
+    return None
+  details, results = [], []
+  for r in heads:
+    base = frame.get((r["fusion"], r["sampling"]))
+    if base is None:
+      continue
+    gain = r["macro_f1_mean"] - base["macro_f1_mean"]
+    results.append(gain > 0)
+    details.append(f"`{r['fusion']}` {r['sampling']}: {r['temporal']} "
+                   f"{r['macro_f1_mean']:.4f} vs frame model {base['macro_f1_mean']:.4f} "
+                   f"({gain:+.4f})" + _spread_note(gain, r, base))
+  return Claim("A temporal head raises macro-F1 over the frame model",
+               _overall(results) if results else "not testable",
+               details or ["needs the frame model (temporal none) with the same fusion and "
+                           "sampling as a temporal head"])
+
+
 def _fmt(mean: float, std: float) -> str:
   return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
   """The markdown table (also readable as plain text)."""
-  lines = ["| fusion | sampling | macro-F1 (mean ± std) | n | min – max | accuracy (mean ± std) |",
-           "|---|---|---:|---:|---:|---:|"]
+  temporal = any(_temporal(r) != "none" for r in rows)
+  head = "| temporal " if temporal else ""
+  lines = [f"| fusion | sampling {head}| macro-F1 (mean ± std) | n | min – max | "
+           "accuracy (mean ± std) |",
+           "|---|---|" + ("---|" if temporal else "") + "---:|---:|---:|---:|"]
   for r in rows:
-    lines.append(f"| {r['fusion']} | {r['sampling']} | "
+    cell = f"{_temporal(r)} | " if temporal else ""
+    lines.append(f"| {r['fusion']} | {r['sampling']} | {cell}"
                  f"{_fmt(r['macro_f1_mean'], r['macro_f1_std'])} | {r['n_seeds']} | "
                  f"{r['macro_f1_min']:.4f} – {r['macro_f1_max']:.4f} | "
                  f"{_fmt(r['accuracy_mean'], r['accuracy_std'])} |")
@@ -159,7 +192,7 @@ def format_claims(claims: Sequence[Claim]) -> str:
   return "\n".join(lines)
 
 
-CSV_FIELDS = ("fusion", "sampling", "n_seeds", "seeds", "macro_f1_mean", "macro_f1_std",
+CSV_FIELDS = ("fusion", "sampling", "temporal", "n_seeds", "seeds", "macro_f1_mean", "macro_f1_std",
               "macro_f1_min", "macro_f1_max", "accuracy_mean", "accuracy_std", "macro_f1_per_seed",
               "accuracy_per_seed")
 
@@ -170,7 +203,7 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
   w.writerow(CSV_FIELDS)
   for r in rows:
     # repr floats: the CSV round-trips to the eval JSONs' values exactly.
-    w.writerow([r["fusion"], r["sampling"], r["n_seeds"], " ".join(map(str, r["seeds"])),
+    w.writerow([r["fusion"], r["sampling"], _temporal(r), r["n_seeds"], " ".join(map(str, r["seeds"])),
                 *(repr(r[k]) if not math.isnan(r[k]) else "" for k in
                   ("macro_f1_mean", "macro_f1_std", "macro_f1_min", "macro_f1_max",
                    "accuracy_mean", "accuracy_std")),
@@ -194,6 +227,9 @@ def write_tables(workdir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path
         "sample std over seeds; n is the number of finished seeds.", "",
         format_table(rows), "", "## The paper's claims on this table", "",
         format_claims(assess_claims(rows)), ""]
+  temporal = assess_temporal(rows)
+  if temporal is not None:
+    md += ["## Temporal heads", "", format_claims([temporal]), ""]
   if unfinished:
     md += [f"Not finished (not in the table): {', '.join(unfinished)}.", ""]
   md_path, csv_path = workdir / "ablation.md", workdir / "ablation.csv"

@@ -122,13 +122,27 @@ class Augmenter:
     """Returns augmented (face, mel). A missing face (all zeros) is left as it is."""
     if not self.enabled:
       return face, mel
-    if has_face:
-      if self.random_resized_crop:
-        face = random_resized_crop(face, rng, self.crop_scale, self.crop_ratio)
-      if self.hflip and rng.random() < self.hflip:
-        face = cv2.flip(face, 1)
-      if self.brightness or self.contrast or self.saturation:
-        face = color_jitter(face, rng, self.brightness, self.contrast, self.saturation)
-    mel = spec_masks(mel, rng, time_masks=self.spec_time_masks, time_width=self.spec_time_width,
-                     freq_masks=self.spec_freq_masks, freq_width=self.spec_freq_width)
-    return face, mel
+    return self.face(face, has_face, rng), self.mel(mel, rng)
+
+  def face(self, face: np.ndarray, has_face: bool, rng: np.random.Generator) -> np.ndarray:
+    """The face part: random resized crop, flip, colour jitter (nothing without a face).
+
+    The draws depend only on ``rng`` and the face size, so the frames of a clip given
+    generators in the same state get the same crop, flip and colours.
+    """
+    if not self.enabled or not has_face:
+      return face
+    if self.random_resized_crop:
+      face = random_resized_crop(face, rng, self.crop_scale, self.crop_ratio)
+    if self.hflip and rng.random() < self.hflip:
+      face = cv2.flip(face, 1)
+    if self.brightness or self.contrast or self.saturation:
+      face = color_jitter(face, rng, self.brightness, self.contrast, self.saturation)
+    return face
+
+  def mel(self, mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The audio part: SpecAugment time and frequency masks."""
+    if not self.enabled:
+      return mel
+    return spec_masks(mel, rng, time_masks=self.spec_time_masks, time_width=self.spec_time_width,
+                      freq_masks=self.spec_freq_masks, freq_width=self.spec_freq_width)

@@ -14,7 +14,7 @@ import dataclasses
 import ml_collections
 
 from mfer_jax import constants
-from mfer_jax.data import augment, sampling
+from mfer_jax.data import augment, clips, sampling
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -67,6 +67,19 @@ def default_data_config() -> ml_collections.ConfigDict:
       video (frames 1..K, K+1..2K, ...) as the epoch's candidates, before weighting; 0 = off.
     sampling.adaptive_beta: beta > 0 multiplies class weights by (1 - F1_c)^beta, with the
       latest validation F1 passed to ``TrainIterator.set_class_f1``; 0 = off.
+    sequence.length: frames per clip T (`mfer_jax.data.clips`); 1 is frame mode (batches
+      without a time axis, exactly as before clips existed). With T > 1, batch_size and
+      eval_batch_size count clips (windows), so a batch holds T times as many frames (the
+      ``clip=T`` and ``temporal=`` config arguments divide them by T), and the sampling keys
+      above apply to clips: a draw is a clip, its class weight comes from its labelled frames
+      (`mfer_jax.data.sampling`), ``epoch_size`` counts clips and 0 means ceil(candidates / T)
+      (about as many frames as frame mode), and ``stratify_chunk`` chunks the clips' first
+      frames. A model with a temporal head needs T >= 2.
+    sequence.stride: frames between consecutive clip frames (1 = every frame, at the video's
+      own frame rate; 2 = every other frame, twice the time span).
+    sequence.hop: clip slots between the starts of evaluation and prediction windows, from 1
+      to ``length`` (a larger hop would skip frames: an error); 0 = length // 2. Every frame is
+      scored once, from the mean of its logits over the T / hop windows that cover it.
   """
   c = ml_collections.ConfigDict()
   c.source = constants.DATA_SOURCES[0]
@@ -86,4 +99,5 @@ def default_data_config() -> ml_collections.ConfigDict:
   # The recipes' dataclasses hold the defaults (one place); the config mirrors their fields.
   c.augment = ml_collections.ConfigDict(dataclasses.asdict(augment.Augmenter()))
   c.sampling = ml_collections.ConfigDict(dataclasses.asdict(sampling.SamplingOptions()))
+  c.sequence = ml_collections.ConfigDict(dataclasses.asdict(clips.SequenceOptions()))
   return c

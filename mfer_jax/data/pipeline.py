@@ -14,11 +14,21 @@ not depend on ``num_workers``. The train iterator's state is just the step and t
 schedule, both small JSON, which is what makes restore exact (and independent of the number
 of workers).
 
-Batches hold uint8 ``face`` [B, S, S, 3] and ``mel`` [B, n_mels, T] (with
+Batches hold uint8 ``face`` [B, S, S, 3] and ``mel`` [B, n_mels, W] (with
 ``data.features_dir``: the cached float32 image and audio features [B, C], unaugmented),
-bool ``has_face`` and ``mask``, int32 ``label``; eval batches add int32 ``video_id``, ``frame`` and ``index`` (the
+bool ``has_face`` and ``mask``, int32 ``label``; eval batches add int32 ``video_id``, ``frame``
+and ``index`` (the
 record index in the split) for per-frame predictions. Conversion to float, resizing and
 normalisation happen on device.
+
+**Clips** (``data.sequence.length`` T > 1, see `mfer_jax.data.clips`): every field gains a
+time axis after the batch axis (``face`` [B, T, S, S, 3], ``label`` [B, T], ...) and a bool
+``present`` [B, T] says which slots hold a record; a padded slot has zero face and mel, no
+face, label -1 and ``mask`` False. ``mask`` marks the frames the loss or the metric counts.
+The face augmentation is drawn once per clip (every frame gets the same crop, flip and
+colours, so the clip does not flicker); SpecAugment masks are drawn per frame. Eval batches
+are windows (`clips.windows`) with ``index`` [B, T]; a frame covered by several windows is
+scored once, from its averaged logits (`mfer_jax.training.step.make_window_eval_step`).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from mfer_jax.data import augment
+from mfer_jax.data import clips as clips_lib
 from mfer_jax.data import sampling
 from mfer_jax.data import sources
 
@@ -44,6 +55,49 @@ _ENDLESS = 2**62
 
 def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
+def _rng(*key: int) -> np.random.Generator:
+  return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
+
+
+def read_clip(reader: sources.RecordReader, rows: np.ndarray, scored: np.ndarray,
+              augmenter: augment.Augmenter | None = None,
+              key: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+  """Reads one clip (or window) of records; -1 slots become padding.
+
+  Args:
+    reader: the split's records.
+    rows: int [T] record indices, -1 for a padded slot (at least one must be >= 0).
+    scored: bool [T], the slots the loss or metric may count (``mask`` is this and a label
+      >= 0 for training, this alone for windows of an unlabelled split).
+    augmenter: the train recipe, or None (evaluation).
+    key: (seed, epoch, position) of the clip, seeding its augmentation.
+
+  Returns:
+    face [T, S, S, 3], mel [T, n_mels, W], has_face, present, label, mask and index, per slot.
+  """
+  real = [int(r) for r in rows if r >= 0]
+  cache = {real[0]: reader[real[0]]}   # the first record also gives the padding's shapes
+  template = cache[real[0]]
+  frames = []
+  for j, r in enumerate(rows):
+    if r < 0:
+      frames.append({"face": np.zeros_like(template["face"]), "mel": np.zeros_like(template["mel"]),
+                     "has_face": np.bool_(False), "present": np.bool_(False),
+                     "label": np.int32(-1), "index": np.int32(-1)})
+      continue
+    ex = cache[int(r)] if int(r) in cache else reader[int(r)]
+    face, mel = ex["face"], ex["mel"]
+    if augmenter is not None:
+      # One face draw per clip (same generator state for every frame), one mel draw per frame.
+      face = augmenter.face(face, bool(ex["has_face"]), _rng(*key))
+      mel = augmenter.mel(mel, _rng(*key, j + 1))
+    frames.append({"face": face, "mel": mel, "has_face": ex["has_face"],
+                   "present": np.bool_(True), "label": ex["label"], "index": np.int32(r)})
+  out = _stack(frames)
+  out["mask"] = np.asarray(scored, bool) & out["present"]
+  return out
 
 
 class _TrainBatch:
@@ -63,13 +117,22 @@ class _TrainBatch:
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     epoch, s = divmod(int(step), self._steps_per_epoch)
-    draws = self._sampler.epoch_indices(epoch)
     first = s * self._global_batch + self._process_index * self._local_batch
     examples = []
+    if self._sampler.sequence.length > 1:
+      rows = self._sampler.epoch_clips(epoch)
+      for pos in range(first, first + self._local_batch):
+        clip = read_clip(self._reader, rows[pos], np.ones(rows.shape[1], bool), self._augmenter,
+                         (self._seed, epoch, pos))
+        clip["mask"] &= clip["label"] >= 0
+        del clip["index"]
+        examples.append(clip)
+      return _stack(examples)
+    draws = self._sampler.epoch_indices(epoch)
     for pos in range(first, first + self._local_batch):
       ex = self._reader[draws[pos]]
-      rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self._seed, epoch, pos])))
-      face, mel = self._augmenter(ex["face"], bool(ex["has_face"]), ex["mel"], rng)
+      face, mel = self._augmenter(ex["face"], bool(ex["has_face"]), ex["mel"],
+                                  _rng(self._seed, epoch, pos))
       examples.append({"face": face, "mel": mel, "has_face": ex["has_face"],
                        "label": ex["label"], "mask": np.bool_(True)})
     return _stack(examples)
@@ -106,6 +169,34 @@ class _EvalBatch:
           "frame": ex["frame"] if real else np.int32(0),
           "index": np.int32(i if real else -1),
       })
+    return _stack(examples)
+
+
+class _EvalWindowBatch:
+  """Eval batch number -> this process's block of windows; windows past the end are padding."""
+
+  def __init__(self, reader: sources.RecordReader, windows: np.ndarray, selected: np.ndarray,
+               *, global_batch: int, local_batch: int, process_index: int):
+    self._reader = reader
+    self._windows = windows
+    self._selected = selected
+    self._global_batch = global_batch
+    self._local_batch = local_batch
+    self._process_index = process_index
+
+  def __call__(self, b: int) -> dict[str, np.ndarray]:
+    first = int(b) * self._global_batch + self._process_index * self._local_batch
+    examples = []
+    for pos in range(first, first + self._local_batch):
+      real = pos < self._windows.shape[0]
+      rows = self._windows[pos if real else 0]
+      scored = self._selected[np.maximum(rows, 0)] & (rows >= 0)
+      clip = read_clip(self._reader, rows, scored)
+      if not real:   # padding: the shapes of a real window, no data
+        clip = {k: np.zeros_like(v) for k, v in clip.items()}
+        clip["label"][:] = -1
+        clip["index"][:] = -1
+      examples.append(clip)
     return _stack(examples)
 
 
@@ -270,8 +361,12 @@ class EvalPipeline:
   False rows (label -1, video_id -1, index -1). Every process gets the same ``num_batches``,
   so collective eval steps stay in lockstep. Iterate it once per evaluation.
 
+  With clips (``data.sequence.length`` > 1) the examples are windows over the selected
+  records (`clips.windows`), and each selected record is in one or more of them.
+
   Attributes:
-    num_examples: selected records (over all processes).
+    num_records: selected records (over all processes).
+    num_examples: selected records, or windows with clips (over all processes).
     num_batches: batches per process (the same on every process).
     global_batch_size, local_batch_size: examples per global / per-process batch.
   """
@@ -291,14 +386,24 @@ class EvalPipeline:
       raise ValueError(f"split {index.split!r} has no record to evaluate")
     if 0 < max_examples < record_ids.size:
       # An evenly spaced, fixed subset: every video contributes, and each evaluation of a
-      # run sees the same frames.
+      # run sees the same frames. With clips, the windows score only these frames (the
+      # others of a window are context).
       record_ids = record_ids[np.linspace(0, record_ids.size - 1, int(max_examples))
                               .round().astype(np.int64)]
-    self.num_examples = int(record_ids.size)
+    self.num_records = int(record_ids.size)
+    self.sequence = clips_lib.SequenceOptions.from_config(cfg.sequence)
+    layout = dict(global_batch=self.global_batch_size, local_batch=self.local_batch_size,
+                  process_index=self.process_index)
+    if self.sequence.length == 1:
+      self.num_examples = self.num_records
+      self._fn = _EvalBatch(reader, record_ids, np.asarray(index.video_id, np.int32), **layout)
+    else:
+      selected = np.zeros(len(index), bool)
+      selected[record_ids] = True
+      self.windows = clips_lib.windows(index.video_id, index.frame, selected, self.sequence)
+      self.num_examples = int(self.windows.shape[0])
+      self._fn = _EvalWindowBatch(reader, self.windows, selected, **layout)
     self.num_batches = -(-self.num_examples // self.global_batch_size)
-    self._fn = _EvalBatch(reader, record_ids, np.asarray(index.video_id, np.int32),
-                          global_batch=self.global_batch_size,
-                          local_batch=self.local_batch_size, process_index=self.process_index)
 
   def __len__(self) -> int:
     return self.num_batches
@@ -333,7 +438,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, index: sources.SplitSour
   reader = _reader(cfg, index)
   sampler = sampling.EpochSampler(index.label, index.video_id, index.frame,
                                   sampling.SamplingOptions.from_config(cfg.sampling),
-                                  seed=int(cfg.seed))
+                                  seed=int(cfg.seed),
+                                  sequence=clips_lib.SequenceOptions.from_config(cfg.sequence))
   return TrainIterator(cfg, reader, sampler, process_index=process_index,
                        process_count=process_count)
 

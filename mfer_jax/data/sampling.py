@@ -1,21 +1,45 @@
-"""Which train frames each epoch draws: class weights, their schedule, stratification, F1 feedback.
+"""Which train clips each epoch draws: class weights, their schedule, stratification, F1 feedback.
 
-Epoch ``e`` is a list of ``epoch_size`` record indices, a pure function of the index arrays,
-the options, the seed, ``e`` and the class-F1 schedule, drawn with
+Epoch ``e`` is a list of ``epoch_size`` clip ids (`mfer_jax.data.clips.ClipTable`; in frame
+mode, T = 1, a clip id is a record index), a pure function of the index arrays, the options,
+the seed, ``e`` and the class-F1 schedule, drawn with
 ``Generator(PCG64(SeedSequence([seed, e])))``. Nothing depends on the number of hosts or
 workers, so every process can compute the same list and read its own part of it.
 
 Steps of one epoch in 'dynamic' mode:
 
-1. candidates: train records with label >= 0 (-1 frames are never drawn); with
-   ``stratify_chunk`` K > 0, one uniformly random record from every (video, K-frame chunk),
-   where chunk j of a video holds frames jK+1 .. (j+1)K, so near-duplicate neighbouring
-   frames do not dominate;
-2. class weights: ``w_c = n_c^-alpha(e)``, with n_c the candidates of class c, times
-   ``max(1 - F1_c, 0.01)^beta`` when adaptive feedback is on;
-3. ``epoch_size`` draws with replacement, record i chosen with probability proportional to
-   ``w_{label(i)}``. Class c then gets mass ``n_c^(1-alpha) / sum_k n_k^(1-alpha)``: alpha 1 is
-   balanced, alpha 0 is the natural distribution.
+1. candidates: clips with at least one labelled frame (label >= 0; in frame mode the labelled
+   records, so -1 frames are never drawn); with ``stratify_chunk`` K > 0, one uniformly random
+   candidate from every (video, K-frame chunk of the clip's first frame), where chunk j of a
+   video holds frames jK+1 .. (j+1)K, so near-duplicate neighbouring frames do not dominate;
+2. class weights: ``w_c = n_c^-alpha(e)``, with n_c the labelled frames of class c among the
+   candidates, times ``max(1 - F1_c, 0.01)^beta`` when adaptive feedback is on;
+3. ``epoch_size`` draws with replacement. In frame mode record i is chosen with probability
+   proportional to ``w_{label(i)}``, so class c gets mass ``n_c^(1-alpha) / sum_k n_k^(1-alpha)``
+   (the *target*): alpha 1 is balanced, alpha 0 is the natural distribution.
+
+**Clips** (T > 1) hold frames of several classes, so a clip has no single label. Its weight
+is the *mean* of per-class frame weights ``u_c`` over its labelled frames,
+``w(k) = sum_c m_kc u_c / M_k`` (m_kc labelled frames of class c in clip k, M_k = sum_c m_kc),
+and ``u`` is chosen so that the labelled frames of the epoch have the frame-mode target class
+frequencies *in expectation*: the expected count of class c per draw is ``(H u)_c / Z`` with
+``H = sum_k m_k m_k^T / M_k``, so ``u`` solves ``H u ∝ n * w`` (`clip_class_weights`). Why this
+choice:
+
+- a clip of one class gets exactly the frame weight of its class (``H`` is diagonal when every
+  clip is pure, and then ``u = w``), so clips inside long segments, the common case, are
+  weighted as frame mode weights their frames;
+- alpha 0 gives exactly uniform clip draws (``u = 1``): 'dynamic' at alpha 0 is the natural
+  distribution, as in frame mode;
+- a clip's weight does not grow with how many of its frames are labelled, so no clip is
+  favoured for being long or free of -1 runs, yet a clip is never drawn for nothing (clips
+  without a labelled frame are not candidates);
+- what the loss sees (labelled frames) has the class frequencies the schedule asks for, which
+  neither weighting by the centre frame nor by the majority label guarantees: a rare class
+  that mostly appears in short segments would be under-drawn by both.
+
+When mixed clips make the exact target unreachable with non-negative ``u`` (never seen on
+Aff-Wild2-like segment lengths), a multiplicative fixed point gets as close as it can.
 
 'natural' mode instead shuffles the candidates without replacement (each once per epoch,
 repeated if ``epoch_size`` is larger): the plain baseline without resampling.
@@ -32,6 +56,7 @@ import ml_collections
 import numpy as np
 
 from mfer_jax import constants
+from mfer_jax.data import clips as clips_lib
 
 MODES = constants.SAMPLING_MODES
 ALPHA_SHAPES = ("linear", "cosine", "constant")
@@ -93,6 +118,42 @@ def class_weights(counts: np.ndarray, alpha: float, class_f1: np.ndarray | None 
   return w
 
 
+def clip_class_weights(counts: np.ndarray, frame_weights: np.ndarray) -> np.ndarray:
+  """Per-class frame weights ``u`` for clips, from their class counts (see the module doc).
+
+  Args:
+    counts: [n, C] labelled frames of each class in each candidate clip (every row > 0).
+    frame_weights: [C] the frame-mode class weights ``w_c``.
+
+  Returns:
+    float64 [C] ``u >= 0`` such that drawing clip k with probability proportional to
+    ``counts[k] @ u / counts[k].sum()`` gives labelled frames the class frequencies that frame
+    mode gives, ``n_c w_c / sum(n w)`` with ``n = counts.sum(0)``; absent classes get 0.
+  """
+  m = np.asarray(counts, np.float64)
+  n = m.sum(axis=0)
+  target = n * np.asarray(frame_weights, np.float64)
+  present = target > 0
+  u = np.zeros(m.shape[1])
+  if not present.any():
+    return u
+  h = (m / m.sum(axis=1, keepdims=True)).T @ m
+  sub = h[np.ix_(present, present)]
+  t = target[present]
+  try:
+    sol = np.linalg.solve(sub, t)
+  except np.linalg.LinAlgError:
+    sol = np.full(t.shape, -1.0)
+  if not (sol > 0).all():
+    # Multiplicative fixed point from the frame weights: stays positive, and its fixed points
+    # are exactly the solutions of H u = t when one exists.
+    sol = np.asarray(frame_weights, np.float64)[present].copy()
+    for _ in range(2000):
+      sol = sol * t / np.maximum(sub @ sol, 1e-300)
+  u[present] = sol / sol.max()
+  return u
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   """The ``config.data.sampling`` keys (documented in `mfer_jax.data.config`)."""
@@ -126,30 +187,49 @@ F1Schedule = tuple[tuple[int, tuple[float, ...]], ...]
 
 
 class EpochSampler:
-  """The record indices of every training epoch, from the train split's index arrays.
+  """The clip ids of every training epoch, from the train split's index arrays.
 
   Immutable apart from a cache of recent epochs, so it can be pickled into Grain workers and
   every copy draws the same epochs; `with_class_f1` returns a new sampler.
+
+  Args:
+    label, video_id, frame: the train split's index arrays.
+    options: the sampling recipe.
+    seed: the data seed.
+    class_f1_schedule: adaptive F1 entries (see `with_class_f1_schedule`).
+    sequence: clip length and stride (default: frame mode, T = 1).
   """
 
   def __init__(self, label: np.ndarray, video_id: np.ndarray, frame: np.ndarray,
                options: SamplingOptions, seed: int,
-               class_f1_schedule: F1Schedule = ()):
+               class_f1_schedule: F1Schedule = (),
+               sequence: clips_lib.SequenceOptions = clips_lib.SequenceOptions()):
     self.options = options
     self.seed = int(seed)
     self.class_f1_schedule = tuple(class_f1_schedule)
+    self.sequence = sequence
+    self.clips = clips_lib.ClipTable(label, video_id, frame, sequence.length, sequence.stride)
     self._label = np.asarray(label, np.int32)
-    self._valid = np.flatnonzero(self._label >= 0)
+    if sequence.length == 1:
+      self._counts = None
+      self._valid = np.flatnonzero(self._label >= 0)
+      start_video, start_frame = np.asarray(video_id), np.asarray(frame)
+    else:
+      self._counts = self.clips.class_counts()
+      self._valid = np.flatnonzero(self._counts.sum(axis=1) > 0)
+      start_video, start_frame = self.clips.video_and_start(np.arange(self.clips.num_clips))
+      # Chunks of the first frame, shifted so that clips starting before the video count too.
+      start_frame = start_frame + (sequence.length - 1) * sequence.stride
     if self._valid.size == 0:
       raise ValueError("the train split has no labelled frame (label >= 0) to sample")
     self._groups = None
     num_candidates = self._valid.size
     if options.stratify_chunk:
-      self._groups = chunk_groups(np.asarray(video_id), np.asarray(frame),
-                                  options.stratify_chunk)
+      self._groups = chunk_groups(start_video, start_frame, options.stratify_chunk)
       num_candidates = np.unique(self._groups[self._valid]).size
     self.num_candidates = int(num_candidates)
-    self.epoch_size = int(options.epoch_size or num_candidates)
+    # Clips per epoch: as many frames as frame mode would draw (one per candidate).
+    self.epoch_size = int(options.epoch_size or -(-num_candidates // sequence.length))
     self._lock = threading.Lock()
     self._cache: dict[int, np.ndarray] = {}
 
@@ -203,14 +283,21 @@ class EpochSampler:
 
   def _distribution(self, epoch: int, rng: np.random.Generator):
     candidates = self._candidates(rng)
-    counts = np.bincount(self._label[candidates], minlength=constants.NUM_CLASSES)
-    weights = class_weights(counts, self.alpha(epoch), self.class_f1(epoch),
+    if self._counts is None:
+      counts = np.bincount(self._label[candidates], minlength=constants.NUM_CLASSES)
+      weights = class_weights(counts, self.alpha(epoch), self.class_f1(epoch),
+                              self.options.adaptive_beta)
+      p = weights[self._label[candidates]]
+      return candidates, p / p.sum()
+    m = self._counts[candidates].astype(np.float64)
+    frame_w = class_weights(m.sum(axis=0), self.alpha(epoch), self.class_f1(epoch),
                             self.options.adaptive_beta)
-    p = weights[self._label[candidates]]
+    u = clip_class_weights(m, frame_w)
+    p = (m @ u) / m.sum(axis=1)
     return candidates, p / p.sum()
 
   def distribution(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate record indices, their draw probabilities) of a 'dynamic' epoch."""
+    """(candidate clip ids, their draw probabilities) of a 'dynamic' epoch."""
     return self._distribution(epoch, self._rng(epoch))
 
   def _draw(self, epoch: int) -> np.ndarray:
@@ -223,7 +310,7 @@ class EpochSampler:
     return candidates[rng.choice(candidates.size, size=self.epoch_size, p=p)]
 
   def epoch_indices(self, epoch: int) -> np.ndarray:
-    """The ``epoch_size`` record indices of ``epoch``, in draw order (int64)."""
+    """The ``epoch_size`` clip ids of ``epoch``, in draw order (int64; records in frame mode)."""
     with self._lock:
       if epoch not in self._cache:
         # Readers move forward, so keeping the two most recent epochs is enough.
@@ -231,3 +318,14 @@ class EpochSampler:
           del self._cache[old]
         self._cache[epoch] = self._draw(epoch)
       return self._cache[epoch]
+
+  def epoch_clips(self, epoch: int) -> np.ndarray:
+    """int64 [epoch_size, T]: the record of every frame of every clip of ``epoch`` (-1: pad)."""
+    return self.clips.records(self.epoch_indices(epoch))
+
+  def clip_class_counts(self, ids: np.ndarray) -> np.ndarray:
+    """[n, C] labelled frames of each class in clips ``ids``."""
+    if self._counts is None:
+      lab = self._label[np.asarray(ids)]
+      return (lab[:, None] == np.arange(constants.NUM_CLASSES)).astype(np.int16)
+    return self._counts[np.asarray(ids)]

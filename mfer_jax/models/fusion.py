@@ -117,8 +117,9 @@ class Fusion(nnx.Module):
     if self.name in _LEARNED_GATES:
       self.gate_fc1 = layers.Dense(2 * d, cfg.gate_hidden, ("embed", "mlp"), **kw)
       self.gate_fc2 = layers.Dense(cfg.gate_hidden, 2, ("mlp", None), **kw)
-    head_in = 2 * d if self.name in _CONCATENATED else d
-    self.head = layers.Dense(head_in, num_classes, ("embed", "classes"), **kw)
+    # Width of the fused pre-head feature (what a temporal head models).
+    self.feature_dim = 2 * d if self.name in _CONCATENATED else d
+    self.head = layers.Dense(self.feature_dim, num_classes, ("embed", "classes"), **kw)
 
   def _gates(self, pv, pa, avail):
     """Softmax over per-modality gate logits (a sigmoid per modality for
@@ -141,7 +142,21 @@ class Fusion(nnx.Module):
 
   def __call__(self, v_tokens: jax.Array | None, a_tokens: jax.Array | None,
                avail: jax.Array, *, rngs: nnx.Rngs | None = None):
-    """Fuses token grids.
+    """Fuses token grids and classifies: ``classify(*features(...))``.
+
+    Returns:
+      (logits float32 [B, num_classes], gates float32 [B, 2]).
+    """
+    fused, gates = self.features(v_tokens, a_tokens, avail, rngs=rngs)
+    return self.classify(fused, rngs=rngs), gates
+
+  def classify(self, fused: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Dropout and the linear head on fused features [..., feature_dim] -> float32 logits."""
+    return self.head(layers.dropout(fused, self.dropout_rate, rngs))
+
+  def features(self, v_tokens: jax.Array | None, a_tokens: jax.Array | None,
+               avail: jax.Array, *, rngs: nnx.Rngs | None = None):
+    """Fuses token grids into the pre-head feature.
 
     Args:
       v_tokens: visual tokens [B, Nv, Cv], or None for audio_only.
@@ -150,7 +165,7 @@ class Fusion(nnx.Module):
       rngs: dropout RNGs (training) or None (deterministic).
 
     Returns:
-      (logits float32 [B, num_classes], gates float32 [B, 2]).
+      (fused float32 [B, feature_dim], gates float32 [B, 2]).
     """
     v = a = None
     if v_tokens is not None:
@@ -181,5 +196,4 @@ class Fusion(nnx.Module):
       fused = jnp.concatenate([2 * gates[:, :1] * pv, 2 * gates[:, 1:] * pa], axis=-1)
     else:
       fused = gates[:, :1] * pv + gates[:, 1:] * pa
-    fused = layers.dropout(fused, self.dropout_rate, rngs)
-    return self.head(fused), gates
+    return fused, gates

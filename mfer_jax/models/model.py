@@ -18,10 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
+from mfer_jax import sharding
 from mfer_jax.models import encoders
 from mfer_jax.models import fusion as fusion_lib
 from mfer_jax.models import layers
 from mfer_jax.models import normalisation
+from mfer_jax.models import temporal as temporal_lib
 from mfer_jax.models import vit
 
 
@@ -82,11 +84,17 @@ def audio_arch(cfg: ConfigDict) -> encoders.Arch:
 
 
 class ExpressionModel(nnx.Module):
-  """Face encoder + audio encoder + fusion + 8-class head.
+  """Face encoder + audio encoder + fusion + optional temporal head + 8-class head.
+
+  Frames (``face`` [B, h, w, 3]) get one label each. Clips (``face`` [B, T, h, w, 3]) run the
+  encoders and the fusion on all B x T frames, the temporal head (``cfg.temporal``,
+  `mfer_jax.models.temporal`) on the T fused features of each clip, and the head on every
+  frame, so they get [B, T] labels. With the 'none' head a clip is exactly its frames run one
+  by one.
 
   Args:
     cfg: ``config.model`` (see `mfer_jax.config_lib`): num_classes, precision, remat, image,
-      audio, fusion, modality_dropout.
+      audio, fusion, temporal, modality_dropout.
     rngs: parameter RNGs.
     precision: overrides ``cfg.precision`` (the planner resolves ``matmul="auto"`` for the
       accelerator it plans for, not for the CPU it compiles on).
@@ -125,6 +133,7 @@ class ExpressionModel(nnx.Module):
         cfg.fusion, encoders.width(v_arch) if use_v else 0,
         encoders.width(a_arch) if use_a else 0, cfg.num_classes, **kw)
     self._use = (use_v, use_a)
+    self.temporal = temporal_lib.make_head(cfg.temporal, self.fusion.feature_dim, **kw)
 
   def _availability(self, has_face: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     """bool [B, 2]: (visual, audio) available; modality dropout blanks one of them."""
@@ -146,21 +155,34 @@ class ExpressionModel(nnx.Module):
     x = x.astype(jnp.float32)
     return x[:, None] if x.ndim == 2 else x
 
-  def __call__(self, face: jax.Array, mel: jax.Array, has_face: jax.Array, *,
+  def __call__(self, face: jax.Array, mel: jax.Array, has_face: jax.Array,
+               present: jax.Array | None = None, *,
                rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-    """Predicts expression logits.
+    """Predicts expression logits for frames, or for every frame of clips.
 
     Args:
-      face: uint8 [B, h, w, 3] face crops (zeros where there is no face); with
-        ``from_features``, the image encoder's cached features [B, C].
-      mel: uint8 [B, n_mels, T] log-mel windows; with ``from_features``, the audio encoder's
-        cached features [B, C].
-      has_face: bool [B].
+      face: uint8 [B, h, w, 3] face crops (zeros where there is no face), or [B, T, h, w, 3];
+        with ``from_features``, the image encoder's cached features [B, C].
+      mel: uint8 [B, n_mels, W] log-mel windows, or [B, T, n_mels, W]; with
+        ``from_features``, the audio encoder's cached features [B, C].
+      has_face: bool [B] (or [B, T]).
+      present: clips only: bool [B, T], False for padded slots (no record); the temporal head
+        ignores them. Default: every slot present.
       rngs: dropout / drop-path / modality-dropout RNGs when training; None for inference.
 
     Returns:
-      {"logits": float32 [B, classes], "gates": float32 [B, 2] (visual, audio) weights}.
+      {"logits": float32 [B, classes] (or [B, T, classes]), "gates": float32 [B, 2] (or
+      [B, T, 2]) (visual, audio) weights}.
     """
+    clip_shape = None
+    if face.ndim == 5:
+      clip_shape = face.shape[:2]
+      face = face.reshape(-1, *face.shape[2:])
+      mel = mel.reshape(-1, *mel.shape[2:])
+      has_face = has_face.reshape(-1)
+    elif self.temporal is not None:
+      raise ValueError(f"a temporal head needs clips [B, T, ...]; got frames of shape "
+                       f"{face.shape}")
     avail = self._availability(has_face, rngs)
     v_tokens = a_tokens = None
     if self.from_features:
@@ -174,6 +196,15 @@ class ExpressionModel(nnx.Module):
       grid, _ = self.audio_encoder(
           mel_to_input(mel, self.audio_size, self.audio_chans, self.audio_stats), rngs=rngs)
       a_tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
-    logits, gates = self.fusion(v_tokens, a_tokens, avail, rngs=rngs)
+    fused, gates = self.fusion.features(v_tokens, a_tokens, avail, rngs=rngs)
+    if clip_shape is not None and self.temporal is not None:
+      b, t = clip_shape
+      present = jnp.ones((b, t), bool) if present is None else present.astype(bool)
+      clip = sharding.constrain(fused.reshape(b, t, -1), ("batch", None, "embed"))
+      fused = self.temporal(clip, present, rngs=rngs).reshape(b * t, -1)
+    logits = self.fusion.classify(fused, rngs=rngs)
+    if clip_shape is not None:
+      logits = logits.reshape(*clip_shape, -1)
+      gates = gates.reshape(*clip_shape, -1)
     return {"logits": logits, "gates": gates}
 

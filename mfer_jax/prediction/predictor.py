@@ -1,9 +1,15 @@
 """A trained model from a workdir, as a batched, jitted ``predict(face, mel, has_face)``.
 
-Prediction (`mfer_jax.prediction.videos`, ``python -m mfer_jax.tools.predict``) uses this; training never does. The workdir's
-``config.json`` rebuilds the model, and the best checkpoint by validation macro-F1 (or the
-latest) supplies the parameters. Inference runs on one device with a fixed batch size, and
-the last partial batch is padded, so the function compiles exactly once per process.
+Prediction (`mfer_jax.prediction.videos`, ``python -m mfer_jax.tools.predict``) uses this;
+training never does. The workdir's ``config.json`` rebuilds the model, and the best checkpoint
+by validation macro-F1 (or the latest) supplies the parameters. Inference runs on one device
+with a fixed batch size, and the last partial batch is padded, so the function compiles
+exactly once per process.
+
+A temporal run (``data.sequence.length`` T > 1) predicts a video the way it was evaluated:
+windows of T frames at the run's stride and hop over the whole video (`mfer_jax.data.clips`),
+the logits of a frame averaged over the windows that cover it, so every decoded frame still
+gets exactly one prediction.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mfer_jax import config_lib, errors, sharding
+from mfer_jax.data import clips
 from mfer_jax.training import checkpointing, optimizer, state as state_lib
 
 
@@ -70,7 +77,8 @@ class Predictor:
   """
 
   def __init__(self, workdir: str | os.PathLike, which: str = "best", batch_size: int = 64):
-    self.config = load_config(workdir)
+    self.config = config_lib.validate(load_config(workdir))
+    self.sequence = clips.SequenceOptions.from_config(self.config.data.sequence)
     self.batch_size = int(batch_size)
     self.face_size = int(self.config.data.face_size)
     self.num_classes = int(self.config.model.num_classes)
@@ -99,7 +107,13 @@ class Predictor:
         out = spec.merge(params)(face, mel, has_face)
       return jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1), out["gates"]
 
+    def forward_clips(params, face, mel, has_face, present):
+      with sharding.use_rules(mesh, rules):
+        out = spec.merge(params)(face, mel, has_face, present)
+      return out["logits"].astype(jnp.float32), out["gates"]
+
     self._forward = jax.jit(forward)
+    self._forward_clips = jax.jit(forward_clips)
     self.from_features = spec.from_features
     self._workdir = pathlib.Path(workdir)
     self._extractor = None
@@ -167,6 +181,8 @@ class Predictor:
     Returns:
       (probs float32 [N, num_classes], gates float32 [N, 2] as (visual, audio)).
     """
+    if self.sequence.length > 1:
+      return self._predict_windows(face, mel, has_face)
     n = face.shape[0]
     probs, gates = [], []
     for start in range(0, n, self.batch_size):
@@ -181,3 +197,33 @@ class Predictor:
     if not probs:
       return np.zeros((0, self.num_classes), np.float32), np.zeros((0, 2), np.float32)
     return np.concatenate(probs), np.concatenate(gates)
+
+  def _predict_windows(self, face: np.ndarray, mel: np.ndarray,
+                       has_face: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`predict` of a temporal run: windows over the whole video, logits averaged per frame."""
+    n = face.shape[0]
+    if n == 0:
+      return np.zeros((0, self.num_classes), np.float32), np.zeros((0, 2), np.float32)
+    frame = np.arange(1, n + 1)
+    rows = clips.windows(np.zeros(n, np.int64), frame, np.ones(n, bool), self.sequence)
+    t = self.sequence.length
+    per_call = max(1, self.batch_size // t)     # about batch_size frames per device call
+    logit_sum = np.zeros((n, self.num_classes), np.float64)
+    gate_sum = np.zeros((n, 2), np.float64)
+    count = np.zeros(n, np.int64)
+    for start in range(0, rows.shape[0], per_call):
+      chunk = rows[start:start + per_call]
+      if chunk.shape[0] < per_call:   # padding windows: no frame present
+        chunk = np.concatenate([chunk, np.full((per_call - chunk.shape[0], t), -1)])
+      present = chunk >= 0
+      take = np.maximum(chunk, 0)
+      inputs = [np.where(present.reshape(*present.shape, *(1,) * (a.ndim - 1)), a[take], 0)
+                .astype(a.dtype) for a in (face, mel, has_face)]
+      logits, gates = self._forward_clips(self._params, *inputs, present)
+      np.add.at(logit_sum, chunk[present], np.asarray(logits)[present])
+      np.add.at(gate_sum, chunk[present], np.asarray(gates)[present])
+      np.add.at(count, chunk[present], 1)
+    mean = logit_sum / count[:, None]
+    probs = np.exp(mean - mean.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return probs.astype(np.float32), (gate_sum / count[:, None]).astype(np.float32)

@@ -125,6 +125,19 @@ class _NoMetricsWarning(std_logging.Filter):
 std_logging.getLogger("absl").addFilter(_NoMetricsWarning())
 
 
+def _temporal_head(names) -> str:
+  """'none', 'transformer' or 'tcn': the temporal head whose params ``names`` (dotted array
+  names of a train state) hold."""
+  temporal = [n for n in names if n.startswith("params.temporal.")]
+  if not temporal:
+    return "none"
+  return "tcn" if any(".conv." in n for n in temporal) else "transformer"
+
+
+def _mode(head: str) -> str:
+  return "frame mode" if head == "none" else f"temporal head {head!r}"
+
+
 class Checkpointer:
   """Thin owner of an Orbax CheckpointManager at ``<workdir>/checkpoints``.
 
@@ -298,6 +311,14 @@ class Checkpointer:
                      if wanted[k] is not None and wanted[k] != saved[k]), key=params_first)
     if not (missing or extra or shapes):
       return
+    saved_head, wanted_head = _temporal_head(saved), _temporal_head(wanted)
+    if saved_head != wanted_head:
+      # The likeliest mismatch of a temporal run, named as such rather than by one array.
+      raise CheckpointMismatchError(
+          f"checkpoint step {step} in {self.directory} holds a model with "
+          f"{_mode(saved_head)}, but the config asks for {_mode(wanted_head)} "
+          f"(model.temporal.name={wanted_head!r}): use the config the run was trained with "
+          "(its config.json), or a new --workdir")
     if shapes:
       what = f"{shapes[0]} is {saved[shapes[0]]} there but {wanted[shapes[0]]} in the config"
     elif missing:

@@ -11,8 +11,14 @@ count nothing, and every labelled frame counts exactly once whatever the number 
 hosts. Between batches it polls ``should_stop`` (a SIGTERM, say): a stopped evaluation
 returns None and is never written, so a partial result cannot pass for a whole one.
 
-To extend (a sliding-window or per-video evaluator, say), subclass `Evaluator` and override
-`_accumulate` / `_summarize`, keeping the once-per-run construction.
+Temporal runs (``data.sequence.length`` T > 1) get a `WindowEvaluator`: the split is covered
+by sliding windows of T frames with ``data.sequence.hop`` (`mfer_jax.data.clips.windows`), the
+logits of a frame are summed on device over the windows that cover it, and each labelled
+frame is scored once, from its averaged logits. Macro-F1 stays frame-level.
+
+To extend (a per-video evaluator, say), subclass `Evaluator` and override the accumulator
+hooks (`_empty_accumulator`, `_make_step`, `_global_batch`, `_summarize`), keeping the
+once-per-run construction.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
@@ -96,7 +103,8 @@ class Evaluator:
 
   Attributes:
     spec: the EvalSpec.
-    num_examples: labelled frames evaluated (over all hosts).
+    num_examples: labelled frames evaluated (over all hosts; with clips, the frames the
+      windows score, not the windows).
   """
 
   def __init__(self, spec: EvalSpec, config: ConfigDict, mesh: Mesh, model_spec: ModelSpec,
@@ -107,9 +115,10 @@ class Evaluator:
     self._model_spec = model_spec
     self._param_shardings = param_shardings
     index = index if index is not None else sources.load_split(config.data, spec.split)
+    self._index = index
     self._pipeline = pipeline.make_eval_pipeline(config.data, index, include_unlabelled=False,
                                                  max_examples=spec.max_examples)
-    self.num_examples = self._pipeline.num_examples
+    self.num_examples = self._pipeline.num_records
     self._step: Callable | None = None
 
   @property
@@ -117,11 +126,21 @@ class Evaluator:
     """How many times the eval step was traced (1 after any number of evaluations)."""
     return self._step.traces() if self._step is not None else 0
 
+  # Accumulator hooks: the frame evaluator's; `WindowEvaluator` overrides them.
+
+  def _empty_accumulator(self) -> Any:
+    return step_lib.empty_eval_accumulator(self._config.model.num_classes, self._mesh)
+
+  def _make_step(self, batch_sh: Any) -> Callable:
+    return step_lib.make_eval_step(self._model_spec, self._config, self._mesh,
+                                   self._param_shardings, batch_sh)
+
+  def _global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    return pipeline.to_global_batch(step_lib.model_inputs(local), self._mesh)
+
   def _eval_step(self, batch: Mapping[str, jax.Array]) -> Callable:
     if self._step is None:
-      batch_sh = jax.tree.map(lambda x: x.sharding, dict(batch))
-      self._step = step_lib.make_eval_step(self._model_spec, self._config, self._mesh,
-                                           self._param_shardings, batch_sh)
+      self._step = self._make_step(jax.tree.map(lambda x: x.sharding, dict(batch)))
     return self._step
 
   def _accumulate(self, params: Any, acc: Any, batch: Mapping[str, jax.Array]) -> Any:
@@ -136,15 +155,48 @@ class Evaluator:
   def __call__(self, params: Any,
                should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
     """Evaluates ``params``; None if ``should_stop()`` turned True before the last batch."""
-    acc = step_lib.empty_eval_accumulator(self._config.model.num_classes, self._mesh)
+    acc = self._empty_accumulator()
     with contextlib.closing(iter(self._pipeline)) as batches:
       for local in batches:
         if should_stop is not None and should_stop():
           return None
-        batch = pipeline.to_global_batch({k: local[k] for k in step_lib.BATCH_KEYS},
-                                         self._mesh)
-        acc = self._accumulate(params, acc, batch)
+        acc = self._accumulate(params, acc, self._global_batch(local))
     return self._summarize(acc)
+
+
+class WindowEvaluator(Evaluator):
+  """The evaluator of a temporal run: sliding windows, every labelled frame scored once.
+
+  The eval pipeline's examples are windows of T frames whose starts are ``hop`` frames apart
+  (`mfer_jax.data.clips.windows`; the ends are padded and masked). The eval step adds each
+  scored slot's logits and gates to its record's row of an on-device [records, C]
+  accumulator (`step.make_window_eval_step`); a frame covered by several windows is then
+  predicted from its averaged logits, and counted once in the confusion matrix, whatever the
+  number of windows, devices or hosts. Built and traced once per run, like `Evaluator`.
+  """
+
+  def _empty_accumulator(self) -> Any:
+    return step_lib.empty_window_accumulator(len(self._index), self._config.model.num_classes,
+                                             self._mesh)
+
+  def _make_step(self, batch_sh: Any) -> Callable:
+    return step_lib.make_window_eval_step(self._model_spec, self._config, self._mesh,
+                                          self._param_shardings, batch_sh)
+
+  def _global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    return pipeline.to_global_batch({**step_lib.model_inputs(local), "index": local["index"]},
+                                    self._mesh)
+
+  def _summarize(self, acc: Any) -> dict[str, Any]:
+    totals = step_lib.summarize_windows(acc, np.asarray(self._index.label))
+    return evaluation.summarize(totals["confusion"], totals["gate_sum"])
+
+
+def make_evaluator(spec: EvalSpec, config: ConfigDict, mesh: Mesh, model_spec: ModelSpec,
+                   param_shardings: Any, index: sources.SplitSource | None = None) -> Evaluator:
+  """A `WindowEvaluator` for clips (``data.sequence.length`` > 1), else an `Evaluator`."""
+  cls = WindowEvaluator if int(config.data.sequence.length) > 1 else Evaluator
+  return cls(spec, config, mesh, model_spec, param_shardings, index)
 
 
 def build_evaluators(config: ConfigDict, mesh: Mesh, model_spec: ModelSpec,
@@ -153,5 +205,5 @@ def build_evaluators(config: ConfigDict, mesh: Mesh, model_spec: ModelSpec,
   specs = specs_from_config(config)
   if only is not None:
     specs = {only: specs[only]}
-  return {name: Evaluator(spec, config, mesh, model_spec, param_shardings)
+  return {name: make_evaluator(spec, config, mesh, model_spec, param_shardings)
           for name, spec in specs.items()}

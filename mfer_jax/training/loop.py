@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from mfer_jax import accelerators, console, errors, evaluation, files, sharding
+from mfer_jax import accelerators, config_lib, console, errors, evaluation, files, sharding
 from mfer_jax.data import pipeline, sources
 from mfer_jax.training import checkpointing, evaluator as evaluator_lib, init_files
 from mfer_jax.training import observability, optimizer, performance, preemption, run_status
@@ -102,6 +102,7 @@ def _check_feature_cache(config: ConfigDict, workdir: pathlib.Path) -> None:
 
 def build_run(config: ConfigDict, workdir: str) -> Run:
   """Builds mesh, data, evaluators, state (restored or initialised) and the checkpointer."""
+  config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
@@ -120,11 +121,13 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
   state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
   # Every eval split is opened and checked now, not at the first evaluation.
   evaluators = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params)
-  write_run_files(config, workdir, train_index)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                             async_save=config.train.async_checkpointing)
   restored = checkpointer.restore_newest_good(state_lib.abstract_state(state_sh, spec, tx),
                                               train_iter)
+  # After the restore: a resume with another model (another temporal head, say) stops with
+  # CheckpointMismatchError and leaves the run's config.json as it was trained.
+  write_run_files(config, workdir, train_index)
   if restored is not None:
     console.say(f"Resuming from {checkpointer.directory} step {restored.step}")
     state = restored.state
@@ -303,7 +306,7 @@ def _train_steps(run: Run, state: state_lib.TrainState, start: int,
     for step in range(start, run.total_steps):
       t_wait = time.monotonic()
       local = next(run.train_iter)
-      batch = pipeline.to_global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, run.mesh)
+      batch = pipeline.to_global_batch(step_lib.model_inputs(local), run.mesh)
       if train_step is None:
         train_step, flops = compile_train_step(run, state, batch, run.class_weights)
         timer = performance.StepTimer(flops, jax.devices()[0].device_kind)
@@ -375,6 +378,7 @@ def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> d
     raise checkpointing.CheckpointError(
         f"{ckpt_dir} not found: {workdir} has no checkpoint to evaluate; train first with "
         "--mode=train")
+  config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   features_dir = bool(config.data.features_dir)
   if features_dir:   # the head reads cached features: they must be the run's

@@ -2,6 +2,11 @@
 
 Both are compiled once per run: batches have static shapes (the eval pipeline pads its last
 batch and sends a mask), the state is donated, and nothing leaves the device inside a step.
+
+Frames ([B, ...] batches) and clips ([B, T, ...] batches with ``present``) go through the same
+steps: the loss and the metrics are per frame, over the frames ``mask`` selects. Clip
+evaluation (`make_window_eval_step`) accumulates each record's logits over the windows that
+cover it, so every frame is scored once, from its averaged logits.
 """
 
 from __future__ import annotations
@@ -17,9 +22,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from mfer_jax import sharding
+from mfer_jax.training import losses
 from mfer_jax.training.state import ModelSpec, TrainState
 
-BATCH_KEYS = ("face", "mel", "has_face", "label", "mask")
+# Batch fields the steps read; ``present`` exists in clip batches only.
+BATCH_KEYS = ("face", "mel", "has_face", "label", "mask", "present")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+  """The fields of a pipeline batch that the steps read (``present`` only for clips)."""
+  return {k: batch[k] for k in BATCH_KEYS if k in batch}
 
 
 class MeshJit:
@@ -47,15 +59,6 @@ def batch_shardings(mesh: Mesh, rules, example_batch: dict[str, Any]) -> dict[st
   return {k: sharding.batch_sharding(mesh, rules, np.ndim(v)) for k, v in example_batch.items()}
 
 
-def _weighted_ce(logits, labels, weights, num_classes: int, label_smoothing: float):
-  """Sum over examples of weight * cross entropy, and the sum of weights."""
-  targets = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-  ce = optax.softmax_cross_entropy(logits, targets)
-  return jnp.sum(ce * weights), jnp.sum(weights)
-
-
 def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
   """The EMA decay used for the update after ``step`` optimizer steps.
 
@@ -77,8 +80,8 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     spec: the model's static half.
     tx: optimizer.
     schedule: learning-rate schedule (for logging).
-    cfg: the whole config (uses train.grad_accum_steps, train.label_smoothing,
-      model.num_classes, mesh.rules).
+    cfg: the whole config (uses train.grad_accum_steps, train.loss and its keys,
+      train.label_smoothing, model.num_classes, mesh.rules).
     mesh: device mesh.
     state_sh: shardings of the TrainState.
     batch_sh: shardings of the batch dict.
@@ -87,18 +90,19 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
   num_classes = cfg.model.num_classes
   ema_decay = float(cfg.train.ema_decay)
   accum = int(cfg.train.grad_accum_steps)
-  smoothing = float(cfg.train.label_smoothing)
   rules = cfg.mesh.rules
   cw = jnp.asarray(class_weights, jnp.float32)
+  loss_fn = losses.make_loss(cfg.train, num_classes)
 
   def micro_loss(params, micro, key):
     model = spec.merge(params)
-    out = model(micro["face"], micro["mel"], micro["has_face"], rngs=nnx.Rngs(dropout=key))
+    out = model(micro["face"], micro["mel"], micro["has_face"], micro.get("present"),
+                rngs=nnx.Rngs(dropout=key))
     labels = jnp.maximum(micro["label"], 0)
     weights = micro["mask"].astype(jnp.float32) * cw[labels]
-    loss_sum, weight_sum = _weighted_ce(out["logits"], labels, weights, num_classes, smoothing)
+    loss_sum = jnp.sum(loss_fn(out["logits"], labels) * weights)
     correct = jnp.sum((out["logits"].argmax(-1) == labels) * micro["mask"])
-    return loss_sum, (weight_sum, correct)
+    return loss_sum, (jnp.sum(weights), correct)
 
   value_grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -173,7 +177,7 @@ def make_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
   def eval_step(params, acc, batch):
     traces[0] += 1   # a Python side effect: runs once per trace, never per call
     model = spec.merge(params)
-    out = model(batch["face"], batch["mel"], batch["has_face"])
+    out = model(batch["face"], batch["mel"], batch["has_face"], batch.get("present"))
     valid = batch["mask"] & (batch["label"] >= 0)
     true = jax.nn.one_hot(jnp.maximum(batch["label"], 0), num_classes) * valid[:, None]
     pred = jax.nn.one_hot(out["logits"].argmax(-1), num_classes)
@@ -192,3 +196,65 @@ def empty_eval_accumulator(num_classes: int, mesh: Mesh) -> dict[str, jax.Array]
   replicated = NamedSharding(mesh, P())
   return {"confusion": jax.device_put(jnp.zeros((num_classes, num_classes)), replicated),
           "gate_sum": jax.device_put(jnp.zeros((num_classes, 2)), replicated)}
+
+
+def make_window_eval_step(spec: ModelSpec, cfg: ConfigDict, mesh: Mesh, param_sh: Any,
+                          batch_sh: dict[str, Any]) -> MeshJit:
+  """Builds ``eval_step(params, acc, batch) -> acc`` for windows of clips.
+
+  ``acc`` (`empty_window_accumulator`) holds, per record of the split, the sum of its logits
+  and of its gates over the windows that score it, and how many do; the batch's ``index``
+  [B, T] says which record each slot is and ``mask`` which slots are scored. Padded slots and
+  windows add nothing. `summarize_windows` turns it into the confusion matrix. Like
+  `make_eval_step`, build it once per run (`evaluator.WindowEvaluator` does);
+  ``eval_step.traces()`` counts the traces.
+  """
+  replicated = NamedSharding(mesh, P())
+  traces = [0]
+
+  def eval_step(params, acc, batch):
+    traces[0] += 1   # a Python side effect: runs once per trace, never per call
+    model = spec.merge(params)
+    out = model(batch["face"], batch["mel"], batch["has_face"], batch["present"])
+    n = acc["count"].shape[0]
+    # Unscored slots go to row n, which scatter mode "drop" discards.
+    rows = jnp.where(batch["mask"], batch["index"], n).reshape(-1)
+    add = lambda a, v: a.at[rows].add(v.reshape(rows.shape[0], *a.shape[1:]), mode="drop")  # noqa: E731
+    return {"logit_sum": add(acc["logit_sum"], out["logits"]),
+            "gate_sum": add(acc["gate_sum"], out["gates"]),
+            "count": add(acc["count"], jnp.ones(batch["mask"].shape, jnp.float32))}
+
+  acc_sh = {"logit_sum": replicated, "gate_sum": replicated, "count": replicated}
+  jitted = jax.jit(eval_step, in_shardings=(param_sh, acc_sh, batch_sh), out_shardings=acc_sh,
+                   donate_argnums=1)
+  run = MeshJit(jitted, mesh, cfg.mesh.rules)
+  run.traces = lambda: traces[0]
+  return run
+
+
+def empty_window_accumulator(num_records: int, num_classes: int,
+                             mesh: Mesh) -> dict[str, jax.Array]:
+  replicated = NamedSharding(mesh, P())
+  zeros = lambda *shape: jax.device_put(jnp.zeros(shape, jnp.float32), replicated)  # noqa: E731
+  return {"logit_sum": zeros(num_records, num_classes), "gate_sum": zeros(num_records, 2),
+          "count": zeros(num_records)}
+
+
+@jax.jit
+def _window_totals(acc, label):
+  num_classes = acc["logit_sum"].shape[1]
+  scored = acc["count"] > 0
+  pred = jax.nn.one_hot(acc["logit_sum"].argmax(-1), num_classes)
+  true = jax.nn.one_hot(jnp.maximum(label, 0), num_classes) * (scored & (label >= 0))[:, None]
+  gates = acc["gate_sum"] / jnp.maximum(acc["count"], 1.0)[:, None]
+  return {"confusion": true.T @ pred, "gate_sum": true.T @ gates}
+
+
+def summarize_windows(acc: dict[str, jax.Array], label: np.ndarray) -> dict[str, np.ndarray]:
+  """Confusion matrix and per-class gate sums of the scored records, one vote per record.
+
+  Each scored record's prediction is the argmax of its summed (so averaged) logits; ``label``
+  is the split's per-record label (records labelled -1 are not counted).
+  """
+  totals = _window_totals(acc, jnp.asarray(label, jnp.int32))
+  return jax.device_get(totals)
