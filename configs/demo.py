@@ -45,6 +45,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.train.weight_decay = 0.01
   c.train.log_every_steps = 10
   c.evals.validation.every_steps = 200      # every 2 epochs: validation has ~6k frames
+  # Train-split F1 next to validation's (no augmentation, a fixed subset): memorisation shows.
+  c.evals.train_subset = config_lib.evaluator("train", every_steps=200, max_examples=2048)
   c.train.checkpoint_every_steps = 100
   c.data.sampling.epoch_size = 3200
   return config_lib.apply_variant_args(c, arg)

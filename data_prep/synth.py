@@ -41,12 +41,39 @@ log-mel window (16 kHz, 64 mels to 8 kHz) shows.
 
 **Noise**, so that each modality is well above chance but not perfect: in 15% of segments
 the face shows a random code; 10% of segments are silent and 10% have a random voice code;
-the voice sits in per-video background noise (SNR 10-30 dB) at a per-video loudness; blinks,
-head motion, lighting and pixel noise vary per frame; faces leave the frame now and then
-(those frames have a label but no crop). Labels come in segments of 1-6 s drawn with
+the voice sits in per-video background noise (SNR 10-30 dB) at a per-video loudness; head
+motion, lighting and pixel noise vary per frame; faces leave the frame now and then (those
+frames have a label but no crop). Labels come in segments of 1-6 s drawn with
 Aff-Wild2's class frequencies (Anger, Disgust, Fear about 2% each), with runs of -1; every
 class is given at least 3 segments in train and in validation (fewer only when a tiny
 set has no room).
+
+**Video dynamics** (`_plan_dynamics`, `face_dynamics`), so that there is something to learn
+over time and single frames can mislead, as in real video. None of it changes a label or
+what a class means; it comes from its own random stream (``SeedSequence([seed, video, 2])``),
+so a seed's annotation files are byte for byte those of the generator without it.
+
+- *Onset and offset.* Where the drawn expression changes between segments, it builds up from
+  the calm face over 0.15-0.6 s (smoothstep) at the start of the new segment and fades over
+  as long at the end of the old one, each capped at a quarter of the segment. The frames keep
+  their segment's label, as annotators label an expression from its onset; 12% of the
+  demo set's labelled frames are in a ramp, half of them below half intensity.
+- *Blinks*: about 18 a minute, 0.1-0.3 s each; the lids close and reopen over the frames.
+- *Talking*: while a person's voice is on, their mouth opens with the syllable envelope of
+  that voice (`synth_render.syllable_envelope`), so lips and sound move together; silent
+  segments keep the mouth shut.
+- *Degraded frames*, at documented rates (measured over 45k planned frames and on generated
+  crops by tests/test_synth.py):
+
+  | Degradation | Rate | Form |
+  |---|---|---|
+  | motion blur | `BLUR_RATE` = 4% of frames, each frame independently | a 6-14 px line kernel at a random angle, whole frame |
+  | heavy JPEG | `JPEG_RATE` = 3% of frames, each frame independently | the whole frame through JPEG quality 4-12 |
+  | occlusion | `OCCLUSION_RATE` = 4% of each person's frames | runs of 0.3-1 s: a hand or an object over the mouth or one side of the face |
+
+  About 10.6% of a person's frames are degraded in at least one way. Blur and compression
+  hit the whole frame (both persons); occlusions one person. Crops are cut from the
+  degraded frame, as a face tracker would.
 
 **Two-person videos** show two faces side by side (``_left``, ``_right``), each with its own
 labels and crops. The audio is the *sum* of both voices, so it is ambiguous there, as in the
@@ -57,16 +84,11 @@ video, or the first validation video of a 3-video set) has only ``_right``.
 16000, 44100 and 48000 Hz, mono and stereo (`MEDIA_FORMATS`). One annotation file is 3
 lines longer than its video, one is 2 lines shorter (the real data does this).
 
-**Measured** (seed 0, 16 videos, built by ``data_prep.build``; linear probes on every third
-labelled frame with a face; measured on the box crops the set had before crops were aligned
-with `mfer_jax.media.align`, and with dlib's HOG detector): LDA on 60 principal components of
-the 112x112 crops predicts the
-face code with balanced accuracy 0.82 on validation, LDA on the 64x100 log-mel window the
-audio code with 0.58 (chance 0.25; train 0.82: 11 voices are few). Combining the two code
-posteriors per class gives validation macro-F1 0.57, against 0.22 from the face alone and 0.20
-from the audio alone. That detector found the face in all sampled frames that have a crop
-(n=2681) and in none of those where the face is out of view (n=118);
-tests/test_synth.py checks the same of today's detector (`mfer_jax.media.detector`).
+**Measured**: `python -m bench.probe` fits a linear probe (logistic regression on 24x24 grey
+faces and mean mel bands) on the demo set and prints it with chance and the majority class
+(numbers in docs/demo_experiments.md). The detector of `mfer_jax.media.faces` finds the face
+in the frames that have a crop and are not degraded, and in none of those where the face is
+out of view (tests/test_synth.py).
 
 Generation is deterministic for a seed (annotations and crops byte for byte; media too for
 the same PyAV version), parallel over videos, and resumable: each video's outputs are
@@ -123,10 +145,21 @@ _INVALID_SEGMENT_PROB = 0.12   # a segment of -1 labels
 _FACE_NOISE_PROB = 0.15        # the face shows a random code
 _SILENT_PROB = 0.10            # the person says nothing
 _VOICE_NOISE_PROB = 0.10       # the voice has a random code
-_BLINK_PROB = 0.03
 _MIN_SEGMENTS_PER_CLASS = 3    # per class, in train and in validation (when there is room)
 _SNR_DB = (10.0, 30.0)         # voice to background noise, per video
 _NOISE_POLE = (0.0, 0.5)       # one-pole low-pass of the noise, per video: white to pinkish
+# Temporal dynamics and degradations (module docstring, "Video dynamics"). They come from their
+# own random stream, so the labels of a seed are those of the generator without them.
+_RAMP_SECONDS = (0.15, 0.6)    # expression onset / offset, capped at a quarter of the segment
+_BLINKS_PER_SECOND = 0.3       # about 18 a minute, as in conversation
+_BLINK_SECONDS = (0.1, 0.3)
+BLUR_RATE = 0.04               # fraction of frames with motion blur (independent per frame)
+JPEG_RATE = 0.03               # fraction of frames through a low-quality JPEG encoder (ditto)
+OCCLUSION_RATE = 0.04          # fraction of each person's frames with a hand or object in front
+_OCCLUSION_SECONDS = (0.3, 1.0)
+_BLUR_PIXELS = (6.0, 14.0)     # motion-blur length at the 192-pixel frame height
+_JPEG_QUALITY = (4, 12)
+SYNTH_VERSION = 3              # in each video's marker: a set made by older code is redone
 
 
 @dataclasses.dataclass
@@ -138,6 +171,8 @@ class Segment:
   label: int
   face_code: int
   audio_code: int   # -1: silent
+  onset: int = 0    # frames over which the expression builds up from the calm face
+  offset: int = 0   # frames over which it fades back at the end
 
 
 @dataclasses.dataclass
@@ -148,6 +183,10 @@ class PersonPlan:
   annotated: bool           # has an annotation file and crops (False: drawn only)
   segments: list[Segment]
   absent: list[tuple[int, int]]   # frame ranges [start, end) with the face out of the frame
+  blinks: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (first, frames)
+  # [start, end) frame ranges with something in front of the face.
+  occlusions: list[tuple[int, int, synth_render.Occluder]] = dataclasses.field(
+      default_factory=list)
 
 
 @dataclasses.dataclass
@@ -165,10 +204,22 @@ class VideoPlan:
   num_frames: int
   persons: list[PersonPlan]
   annotation_delta: int = 0       # annotation lines minus video frames
+  blur: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)  # frame ->
+  #                                                               (length px, angle degrees)
+  jpeg: dict[int, int] = dataclasses.field(default_factory=dict)  # frame -> JPEG quality
 
   @property
   def media(self) -> pathlib.Path:
     return pathlib.Path(self.batch, self.stem + self.ext)
+
+  def degraded(self, person: PersonPlan) -> np.ndarray:
+    """bool [num_frames]: frames where ``person``'s face is blurred, compressed or occluded."""
+    out = np.zeros(self.num_frames, bool)
+    out[list(self.blur)] = True
+    out[list(self.jpeg)] = True
+    for a, b, _ in person.occlusions:
+      out[a:b] = True
+    return out
 
 
 def split_sizes(num_videos: int) -> dict[str, int]:
@@ -243,7 +294,79 @@ def plan_dataset(num_videos: int, seed: int, seconds: tuple[float, float]) -> li
     plans.append(VideoPlan(index, stem, split, f"batch{index % 2 + 1}", ext, fps, sample_rate,
                            channels, num_frames, persons, delta))
   _cover_all_classes(plans, np.random.default_rng(np.random.SeedSequence([seed, 1 << 20])))
+  for plan in plans:
+    _plan_dynamics(plan, np.random.default_rng(np.random.SeedSequence([seed, plan.index, 2])))
   return plans
+
+
+def _plan_dynamics(plan: VideoPlan, rng: np.random.Generator) -> None:
+  """Adds what changes frame to frame: expression ramps, blinks, occlusions, bad frames."""
+  fps = float(plan.fps)
+  n = plan.num_frames
+  for person in plan.persons:
+    segs = person.segments
+    for k, s in enumerate(segs):
+      cap = (s.end - s.start) // 4
+      # Ramps only where the drawn expression changes; the video's first and last segments
+      # run on past its ends, so they have none there.
+      if k > 0 and segs[k - 1].face_code != s.face_code:
+        s.onset = min(cap, int(round(rng.uniform(*_RAMP_SECONDS) * fps)))
+      if k + 1 < len(segs) and segs[k + 1].face_code != s.face_code:
+        s.offset = min(cap, int(round(rng.uniform(*_RAMP_SECONDS) * fps)))
+    starts = np.flatnonzero(rng.random(n) < _BLINKS_PER_SECOND / fps)
+    person.blinks = [(int(i), max(1, int(round(rng.uniform(*_BLINK_SECONDS) * fps))))
+                     for i in starts]
+    person.occlusions = [(a, b, synth_render.random_occluder(rng))
+                         for a, b in _events(rng, n, OCCLUSION_RATE,
+                                             [max(1, int(round(x * fps))) for x in
+                                              _OCCLUSION_SECONDS])]
+  plan.blur = {int(i): (float(rng.uniform(*_BLUR_PIXELS)), float(rng.uniform(0, 180)))
+               for i in np.flatnonzero(rng.random(n) < BLUR_RATE)}
+  plan.jpeg = {int(i): int(rng.integers(_JPEG_QUALITY[0], _JPEG_QUALITY[1] + 1))
+               for i in np.flatnonzero(rng.random(n) < JPEG_RATE)}
+
+
+def _events(rng: np.random.Generator, num_frames: int, rate: float,
+            frames: tuple[int, int]) -> list[tuple[int, int]]:
+  """Non-overlapping [start, end) runs of ``frames[0]..frames[1]`` frames covering ``rate``.
+
+  A run starts at each free frame with probability q; with mean run length m, the expected
+  covered fraction is q m / (1 - q + q m), so q = rate / (m (1 - rate) + rate).
+  """
+  m = 0.5 * (frames[0] + frames[1])
+  q = rate / (m * (1 - rate) + rate)
+  runs, i = [], 0
+  while i < num_frames:
+    if rng.random() < q:
+      end = min(num_frames, i + int(rng.integers(frames[0], frames[1] + 1)))
+      runs.append((i, end))
+      i = end
+    else:
+      i += 1
+  return runs
+
+
+def face_dynamics(person: PersonPlan, num_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per frame: the drawn face code, the expression intensity (0 calm .. 1 apex, smoothstep
+  ramps at onset and offset) and the eye opening (1 open, 0 closed mid-blink)."""
+  codes = np.empty(num_frames, np.int64)
+  intensity = np.ones(num_frames)
+  for s in person.segments:
+    codes[s.start:s.end] = s.face_code
+    if s.onset:
+      x = np.arange(1, s.onset + 1) / (s.onset + 1)
+      intensity[s.start:s.start + s.onset] = x * x * (3 - 2 * x)
+    if s.offset:
+      x = np.arange(s.offset, 0, -1) / (s.offset + 1)
+      intensity[s.end - s.offset:s.end] = np.minimum(intensity[s.end - s.offset:s.end],
+                                                     x * x * (3 - 2 * x))
+  eye_open = np.ones(num_frames)
+  for first, length in person.blinks:
+    # Lids close and reopen linearly: a 1-frame blink is closed, longer ones pass half-open.
+    profile = np.abs(2 * (np.arange(length) + 0.5) / length - 1)
+    end = min(num_frames, first + length)
+    eye_open[first:end] = np.minimum(eye_open[first:end], profile[:end - first])
+  return codes, intensity, eye_open
 
 
 def _cover_all_classes(plans: list[VideoPlan], rng: np.random.Generator) -> None:
@@ -293,13 +416,22 @@ def _annotation_text(labels: np.ndarray, delta: int) -> str:
 # Rendering one video (runs in a worker process).
 
 
-def _audio_track(plan: VideoPlan, rng: np.random.Generator) -> np.ndarray:
-  """Voices of all persons (summed), in coloured background noise; float32 [n, channels]."""
+def _audio_track(plan: VideoPlan, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Voices of all persons (summed), in coloured background noise.
+
+  Returns:
+    (audio float32 [n, channels], per person the mouth opening [num_frames] in 0..1: the
+    syllable envelope of their own voice at each frame's time, 0 while they are silent).
+  """
   sr = plan.sample_rate
   num_samples = int(round(plan.num_frames / plan.fps * sr))
   voice_sum = np.zeros(num_samples)
+  frame_times = np.arange(plan.num_frames) / float(plan.fps)
+  mouths = []
   for person in plan.persons:
     voice = synth_render.random_voice(rng)
+    mouth = np.zeros(plan.num_frames)
+    jaw = rng.uniform(0.6, 1.0)   # how wide this person opens their mouth
     for s in person.segments:
       if s.audio_code < 0:
         continue
@@ -307,60 +439,76 @@ def _audio_track(plan: VideoPlan, rng: np.random.Generator) -> np.ndarray:
       b = min(b, num_samples)
       if b - a < 2:
         continue
-      sound = synth_render.voice_segment(rng, voice, s.audio_code, b - a, sr)
+      syllable_phase = rng.uniform(0, 2 * np.pi)
+      sound = synth_render.voice_segment(rng, voice, s.audio_code, b - a, sr, syllable_phase)
+      mouth[s.start:s.end] = jaw * synth_render.syllable_envelope(
+          frame_times[s.start:s.end] - a / sr,
+          synth_render.syllable_rate(voice, s.audio_code), syllable_phase)
       ramp = min(b - a, int(0.01 * sr))  # 10 ms fades: no clicks at segment boundaries
       sound[:ramp] *= np.linspace(0, 1, ramp)
       sound[b - a - ramp:] *= np.linspace(1, 0, ramp)
       voice_sum[a:b] += sound
+    mouths.append(mouth)
   loudness = rng.uniform(0.1, 0.4)
   snr_db = rng.uniform(*_SNR_DB)
   noise = scipy.signal.lfilter([1.0], [1.0, -rng.uniform(*_NOISE_POLE)], rng.normal(size=num_samples))
   noise *= 0.25 * 10 ** (-snr_db / 20) / (noise.std() or 1.0)  # voice RMS is about 0.25
   mono = loudness * (voice_sum + noise)
   if plan.channels == 1:
-    return mono.astype(np.float32)[:, None]
+    return mono.astype(np.float32)[:, None], mouths
   pan = rng.uniform(0.6, 1.0)
-  return np.stack([mono, pan * mono], axis=1).astype(np.float32)
+  return np.stack([mono, pan * mono], axis=1).astype(np.float32), mouths
 
 
-def _frames(plan: VideoPlan, rng: np.random.Generator, crops: dict[str, pathlib.Path]):
-  """Yields the RGB frames; writes each annotated person's visible face crop on the way."""
+def _frames(plan: VideoPlan, rng: np.random.Generator, crops: dict[str, pathlib.Path],
+            mouths: list[np.ndarray]):
+  """Yields the RGB frames; writes each annotated person's visible face crop on the way.
+
+  The plan's dynamics and degradations use no random draws here, so a plan with its
+  degradations removed renders the very same frames everywhere else (the tests rely on it).
+  """
   width = FRAME_WIDTH[len(plan.persons)]
   background = synth_render.random_background(rng, FRAME_HEIGHT, width)
   slots = [width / 2] if len(plan.persons) == 1 else [width / 4, 3 * width / 4]
   people = []
-  for person, slot_x in zip(plan.persons, slots):
+  for person, slot_x, mouth in zip(plan.persons, slots, mouths):
     ident = synth_render.random_identity(rng, FRAME_HEIGHT)
-    codes = np.empty(plan.num_frames, np.int64)
-    for s in person.segments:
-      codes[s.start:s.end] = s.face_code
+    codes, intensity, eye_open = face_dynamics(person, plan.num_frames)
     visible = np.ones(plan.num_frames, bool)
     for a, b in person.absent:
       visible[a:b] = False
+    occluder = {i: occ for a, b, occ in person.occlusions for i in range(a, b)}
     # Slow head motion (two sinusoids) plus a little per-frame jitter.
     t = np.arange(plan.num_frames) / float(plan.fps)
     amp, freq, phase = rng.uniform(4, 12, 2), rng.uniform(0.05, 0.3, 2), rng.uniform(0, 6, 2)
     cx = slot_x + rng.uniform(-10, 10) + amp[0] * np.sin(2 * np.pi * freq[0] * t + phase[0])
     cy = FRAME_HEIGHT / 2 + rng.uniform(-6, 6) + amp[1] * np.sin(2 * np.pi * freq[1] * t + phase[1])
     cx, cy = cx + rng.normal(0, 0.7, cx.shape), cy + rng.normal(0, 0.7, cy.shape)
-    blinks = rng.random(plan.num_frames) < _BLINK_PROB
-    people.append((person, ident, codes, visible, cx, cy, blinks))
+    people.append((person, ident, codes, intensity, eye_open, mouth, occluder, visible, cx, cy))
   gain = rng.uniform(0.75, 1.2) * (1 + 0.03 * rng.standard_normal(plan.num_frames))
   offset = rng.uniform(-20, 20)
   # A few pre-drawn noise images, cycled: per-frame sensor noise at almost no cost.
   noise = [rng.integers(0, 12, (FRAME_HEIGHT, width, 3), dtype=np.uint8) for _ in range(4)]
   for i in range(plan.num_frames):
     frame = background.copy()
-    for _, ident, codes, visible, cx, cy, blinks in people:
+    for _, ident, codes, intensity, eye_open, mouth, occluder, visible, cx, cy in people:
       if visible[i]:
-        synth_render.draw_face(frame, (cx[i], cy[i]), ident, int(codes[i]), bool(blinks[i]))
+        synth_render.draw_face(frame, (cx[i], cy[i]), ident, int(codes[i]),
+                               intensity=intensity[i], eye_open=eye_open[i], mouth_open=mouth[i])
+        if i in occluder:
+          synth_render.draw_occluder(frame, (cx[i], cy[i]), ident, occluder[i])
+    if i in plan.blur:  # optics first, then the sensor (gain, noise), then the encoder
+      frame = synth_render.motion_blur(frame, *plan.blur[i])
     frame = cv2.convertScaleAbs(frame, alpha=float(gain[i]), beta=offset)
     frame = cv2.subtract(cv2.add(frame, noise[i % 4]), noise[(i + 1) % 4])
-    for person, ident, _, visible, cx, cy, _ in people:
+    if i in plan.jpeg:
+      frame = synth_render.jpeg_artifacts(frame, plan.jpeg[i])
+    for person, ident, codes, intensity, *_, visible, cx, cy in people:
       if person.name in crops and visible[i]:
         # Aligned like Aff-Wild2's crops and like data_prep --detect and prediction make them,
-        # from the drawn face's true landmarks.
-        landmarks = synth_render.face_landmarks((cx[i], cy[i]), ident, int(codes[i]))
+        # from the drawn face's true landmarks (the mouth corners move with the expression).
+        landmarks = synth_render.face_landmarks((cx[i], cy[i]), ident, int(codes[i]),
+                                                intensity[i])
         crop = align.align_face(frame, landmarks, CROP_SIZE)
         (crops[person.name] / f"{i + 1:05d}.jpg").write_bytes(faces.encode_crop(crop))
     yield frame
@@ -375,18 +523,25 @@ def _marker(out: pathlib.Path, plan: VideoPlan) -> pathlib.Path:
 
 
 def _video_info(plan: VideoPlan) -> dict:
-  return {"split": plan.split, "crops": faces.CROP_STYLE, "media": plan.media.as_posix(),
-          "fps": str(plan.fps),
+  return {"version": SYNTH_VERSION, "split": plan.split, "crops": faces.CROP_STYLE,
+          "media": plan.media.as_posix(), "fps": str(plan.fps),
           "sample_rate": plan.sample_rate, "channels": plan.channels,
           "num_frames": plan.num_frames, "annotation_delta": plan.annotation_delta,
           "names": [p.name for p in plan.persons if p.annotated]}
+
+
+def render(plan: VideoPlan, seed: int, crops: dict[str, pathlib.Path]):
+  """A video's audio track and a generator of its RGB frames, which writes the face crops of
+  the names in ``crops`` into those folders as it goes. Depends on the plan and seed only."""
+  rng = np.random.default_rng(np.random.SeedSequence([seed, plan.index, 1]))
+  audio, mouths = _audio_track(plan, rng)
+  return audio, _frames(plan, rng, crops, mouths)
 
 
 def render_video(out_dir: str, plan: VideoPlan, seed: int) -> str:
   """Writes one video's media, crops and annotations, then its completion marker."""
   cv2.setNumThreads(1)  # parallelism is across videos
   out = pathlib.Path(out_dir)
-  rng = np.random.default_rng(np.random.SeedSequence([seed, plan.index, 1]))
   # Temporary media of an earlier, killed run (named by its pid) would otherwise stay forever.
   for stale in (out / plan.batch).glob(f".{plan.media.name}.*.tmp"):
     stale.unlink()
@@ -397,9 +552,9 @@ def render_video(out_dir: str, plan: VideoPlan, seed: int) -> str:
       shutil.rmtree(tmp, ignore_errors=True)
       tmp.mkdir(parents=True)
       crops[person.name] = tmp
-  audio = _audio_track(plan, rng)
+  audio, frames = render(plan, seed, crops)
   # ultrafast: x264 takes about half the CPU of veryfast, and size does not matter here.
-  media_write.write_video(out / plan.media, _frames(plan, rng, crops), plan.fps, audio=audio,
+  media_write.write_video(out / plan.media, frames, plan.fps, audio=audio,
                           sample_rate=plan.sample_rate, preset="ultrafast")
   for name, tmp in crops.items():
     final = out / "cropped_aligned" / name

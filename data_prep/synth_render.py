@@ -8,6 +8,10 @@ with pupils, a shaded nose and a mouth. The *face code* (0..3) changes the featu
     2 sad       downturned mouth, brows raised at the inner ends, wide eyes
     3 tense     brows lowered at the inner ends (a V), narrowed eyes, small tight mouth
 
+A face code is drawn at an *intensity* between the calm face (0) and the full expression (1),
+with the eyes open or partly shut (blinks) and the mouth opened by speech; the geometry is
+interpolated, so onsets and offsets look like expressions building up, not cross-fades.
+
 Voices are vowel-like harmonic sounds. The *audio code* (0..3) sets the pitch and the syllable
 rate, both visible in a 2 s log-mel window:
 
@@ -20,6 +24,9 @@ voices (f0 260-360 Hz) a high one (900-1300 Hz, a bright vowel); slow is 1.2-2.2
 
 Each identity (per person and video) varies the skin tone, face size, hair, pitch (within its
 band) and syllable timing, so neither modality is a lookup table.
+
+Degradations of single frames: `motion_blur`, `jpeg_artifacts` and `draw_occluder` (a hand or
+an object in front of the face); `data_prep.synth` decides which frames get them.
 
 `face_landmarks` gives the five points a face aligner uses (eye centres, nose tip, mouth
 corners) of a drawn face, and `draw_posed_face` draws the same face turned in 3D (yaw, pitch,
@@ -80,8 +87,48 @@ def _pt(x: float, y: float) -> tuple[int, int]:
   return (int(round(x)), int(round(y)))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Expression:
+  """Geometry of one face code at full intensity, in units of the face height h.
+
+  The mouth is a parabola: its corners sit ``mouth_corner`` below the mouth line and its
+  middle ``mouth_sag`` below its corners (positive: a U, a smile; negative: a cap, sadness).
+  """
+
+  eye_open: float          # eye half-height
+  brow_outer: float        # brow height above the eye at its outer end
+  brow_inner: float        # ... and at its inner end
+  mouth_width: float       # half-width, as a fraction of 0.22 * face width
+  mouth_corner: float
+  mouth_sag: float
+  lip: float               # lip thickness
+
+
+# The mouth corners and middle are where the elliptic arcs of earlier versions put them
+# (smile: an arc from 10 to 170 degrees of a 1.2 x 0.1 ellipse 0.05 h above the mouth line;
+# sad: 195 to 345 degrees of a 1 x 0.08 ellipse 0.06 h below it).
+_SMILE_CORNER = (float(1.2 * np.cos(np.radians(10))), float(-0.05 + 0.1 * np.sin(np.radians(10))))
+_SAD_CORNER = (float(np.cos(np.radians(15))), float(0.06 - 0.08 * np.sin(np.radians(15))))
+_EXPRESSIONS = (
+    _Expression(0.05, 0.10, 0.10, 1.0, 0.0, 0.0, 0.03),         # 0 calm (also the neutral pose)
+    _Expression(0.05, 0.13, 0.13, _SMILE_CORNER[0], _SMILE_CORNER[1],
+                0.05 - _SMILE_CORNER[1], 0.04),                   # 1 smile
+    _Expression(0.065, 0.09, 0.15, _SAD_CORNER[0], _SAD_CORNER[1],
+                -0.02 - _SAD_CORNER[1], 0.04),                    # 2 sad
+    _Expression(0.025, 0.12, 0.04, 0.5, 0.0, 0.0, 0.035),       # 3 tense
+)
+
+
+def _expression(face_code: int, intensity: float) -> _Expression:
+  """The code's geometry blended from the calm face: ``intensity`` 0 is calm, 1 the apex."""
+  calm, full = _EXPRESSIONS[0], _EXPRESSIONS[face_code]
+  return _Expression(*(c + intensity * (f - c) for c, f in
+                       zip(dataclasses.astuple(calm), dataclasses.astuple(full))))
+
+
 def draw_face(img: np.ndarray, center: tuple[float, float], ident: FaceIdentity, face_code: int,
-              blink: bool = False) -> None:
+              blink: bool = False, *, intensity: float = 1.0, eye_open: float = 1.0,
+              mouth_open: float = 0.0) -> None:
   """Draws a face with the features of ``face_code`` into the RGB image ``img`` (in place).
 
   Args:
@@ -89,11 +136,17 @@ def draw_face(img: np.ndarray, center: tuple[float, float], ident: FaceIdentity,
     center: head centre (x, y) in pixels.
     ident: the person's look.
     face_code: 0 calm, 1 smile, 2 sad, 3 tense (see the module docstring).
-    blink: draw the eyes closed for this frame.
+    blink: draw the eyes closed for this frame (same as ``eye_open=0``).
+    intensity: how far the expression is from the calm face, 0..1: expressions build up
+      (onset) and fade (offset) over a fraction of a second, as in real video.
+    eye_open: eyelid opening, 1 open .. 0 closed (a blink passes through the values between).
+    mouth_open: jaw opening while talking, 0 closed .. 1 widest.
   """
   cx, cy = center
   h = ident.size
   w = h * ident.aspect
+  ex_ = _expression(face_code, float(np.clip(intensity, 0.0, 1.0)))
+  eye_open = 0.0 if blink else float(np.clip(eye_open, 0.0, 1.0))
   aa = cv2.LINE_AA
   dark = (30, 20, 20)
   # Hair behind and above the head, then the head and the ears.
@@ -109,23 +162,21 @@ def draw_face(img: np.ndarray, center: tuple[float, float], ident: FaceIdentity,
   # Eyes.
   eye_y = cy - 0.1 * h
   eye_dx = 0.5 * ident.eye_gap * w
-  eye_w, eye_h = 0.12 * w, {0: 0.05, 1: 0.05, 2: 0.065, 3: 0.025}[face_code] * h
+  eye_w, eye_h = 0.12 * w, ex_.eye_open * eye_open * h
   shade = tuple(int(0.75 * v) for v in ident.skin)
   for side in (-1, 1):
     ex = cx + side * eye_dx
     # Eye socket shadow, from the brow to below the eye.
     cv2.ellipse(img, _pt(ex, eye_y - 0.03 * h), _pt(1.5 * eye_w, 0.09 * h), 0, 0, 360,
                 shade, -1, aa)
-    if blink:
+    if eye_h < 0.01 * h:  # closed, or nearly: only the lid line shows
       cv2.line(img, _pt(ex - eye_w, eye_y), _pt(ex + eye_w, eye_y), dark, max(1, int(0.012 * h)), aa)
     else:
       cv2.ellipse(img, _pt(ex, eye_y), _pt(eye_w, eye_h), 0, 0, 360, (245, 245, 240), -1, aa)
       cv2.circle(img, _pt(ex, eye_y), int(round(min(eye_h, 0.6 * eye_w))), dark, -1, aa)
-    # Brows: (outer end y, inner end y) offsets above the eye, per code.
-    outer, inner = {0: (0.1, 0.1), 1: (0.13, 0.13), 2: (0.09, 0.15), 3: (0.12, 0.04)}[face_code]
     bx_out, bx_in = ex + side * 1.3 * eye_w, ex - side * 1.0 * eye_w
-    cv2.line(img, _pt(bx_out, eye_y - outer * h), _pt(bx_in, eye_y - inner * h), dark,
-             max(2, int(0.03 * h)), aa)
+    cv2.line(img, _pt(bx_out, eye_y - ex_.brow_outer * h), _pt(bx_in, eye_y - ex_.brow_inner * h),
+             dark, max(2, int(0.03 * h)), aa)
   # Nose: a shaded wedge.
   nose = np.array([_pt(cx, cy - 0.05 * h), _pt(cx - 0.07 * w, cy + 0.12 * h),
                    _pt(cx + 0.07 * w, cy + 0.12 * h)], np.int32)
@@ -136,28 +187,35 @@ def draw_face(img: np.ndarray, center: tuple[float, float], ident: FaceIdentity,
   # Shadow of the mouth region, under any mouth shape.
   cv2.ellipse(img, _pt(cx, cy + 0.26 * h), _pt(0.3 * w, 0.07 * h), 0, 0, 360,
               tuple(int(0.9 * v) for v in ident.skin), -1, aa)
-  # Mouth.
-  my, mw = cy + 0.26 * h, 0.22 * w
-  thick = max(2, int(0.03 * h))
+  _draw_mouth(img, cx, cy + 0.26 * h, h, ex_.mouth_width * 0.22 * w, ex_, float(mouth_open))
+
+
+def _draw_mouth(img, cx, my, h, half_width, ex_: _Expression, mouth_open: float) -> None:
+  """Lips along the expression's parabola; an open mouth shows a dark gap between them."""
   lips = (150, 40, 50)
-  if face_code == 0:
-    cv2.line(img, _pt(cx - mw, my), _pt(cx + mw, my), lips, thick, aa)
-  elif face_code == 1:
-    cv2.ellipse(img, _pt(cx, my - 0.05 * h), _pt(1.2 * mw, 0.1 * h), 0, 10, 170, lips, thick + 1, aa)
-  elif face_code == 2:
-    cv2.ellipse(img, _pt(cx, my + 0.06 * h), _pt(mw, 0.08 * h), 0, 195, 345, lips, thick + 1, aa)
-  else:
-    cv2.rectangle(img, _pt(cx - 0.5 * mw, my - 0.015 * h), _pt(cx + 0.5 * mw, my + 0.015 * h),
-                  lips, -1, aa)
+  thick = max(2, int(round(ex_.lip * h)))
+  u = np.linspace(-1.0, 1.0, 13)
+  curve_y = my + (ex_.mouth_corner + ex_.mouth_sag * (1 - u ** 2)) * h
+  gap = np.clip(mouth_open, 0.0, 1.0) * 0.12 * h * (1 - u ** 2)  # widest in the middle
+  upper = np.stack([cx + u * half_width, curve_y - 0.5 * gap], -1)
+  lower = np.stack([cx + u * half_width, curve_y + 0.5 * gap], -1)
+  scale = 16  # cv2's fractional-bit coordinates: smooth lips at this small size
+  to_int = lambda pts: np.round(pts * scale).astype(np.int32)
+  if mouth_open > 0.05:
+    cavity = np.concatenate([upper, lower[::-1]])
+    cv2.fillPoly(img, [to_int(cavity)], (45, 12, 18), cv2.LINE_AA, shift=4)
+    cv2.polylines(img, [to_int(lower)], False, lips, thick, cv2.LINE_AA, shift=4)
+  cv2.polylines(img, [to_int(upper)], False, lips, thick, cv2.LINE_AA, shift=4)
 
 
-def face_landmarks(center: tuple[float, float], ident: FaceIdentity,
-                   face_code: int) -> np.ndarray:
+def face_landmarks(center: tuple[float, float], ident: FaceIdentity, face_code: int,
+                   intensity: float = 1.0) -> np.ndarray:
   """The five landmarks of a face drawn by `draw_face`, in pixels.
 
   Order (that of `mfer_jax.media.align`): the eye on the image's left, the eye on the image's
   right, the nose tip (the nostrils' level), the mouth corner on the image's left, the one on
-  the right. Eyes are the pupil centres; mouth corners are the ends of each mouth shape.
+  the right. Eyes are the pupil centres; mouth corners are the ends of the lips, which move
+  with the expression's ``intensity`` as in `draw_face` (and not with the mouth opening).
 
   Returns:
     float64 [5, 2] (x, y).
@@ -165,18 +223,11 @@ def face_landmarks(center: tuple[float, float], ident: FaceIdentity,
   cx, cy = center
   h = ident.size
   w = h * ident.aspect
+  ex_ = _expression(face_code, float(np.clip(intensity, 0.0, 1.0)))
   eye_y, eye_dx = cy - 0.1 * h, 0.5 * ident.eye_gap * w
-  my, mw = cy + 0.26 * h, 0.22 * w
-  if face_code == 1:    # smile: ends of the arc drawn from 10 to 170 degrees
-    dx, dy = 1.2 * mw * np.cos(np.radians(10)), -0.05 * h + 0.1 * h * np.sin(np.radians(10))
-  elif face_code == 2:  # sad: ends of the arc drawn from 195 to 345 degrees
-    dx, dy = mw * np.cos(np.radians(15)), 0.06 * h - 0.08 * h * np.sin(np.radians(15))
-  elif face_code == 3:  # tense: the short closed mouth
-    dx, dy = 0.5 * mw, 0.0
-  else:
-    dx, dy = mw, 0.0
+  dx, my = ex_.mouth_width * 0.22 * w, cy + 0.26 * h + ex_.mouth_corner * h
   return np.array([(cx - eye_dx, eye_y), (cx + eye_dx, eye_y), (cx, cy + 0.11 * h),
-                   (cx - dx, my + dy), (cx + dx, my + dy)])
+                   (cx - dx, my), (cx + dx, my)])
 
 
 def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
@@ -285,17 +336,33 @@ def random_voice(rng: np.random.Generator) -> Voice:
                formant_u=float(rng.uniform()))
 
 
+def syllable_rate(voice: Voice, audio_code: int) -> float:
+  """Syllables per second of ``voice`` speaking with ``audio_code``."""
+  rlo, rhi = _VOICE_RATE[audio_code]
+  return rlo + (rhi - rlo) * voice.rate_u
+
+
+def syllable_envelope(t: np.ndarray, rate: float, phase: float) -> np.ndarray:
+  """Loudness of the syllables at times ``t`` (s): a raised sine, 0 between syllables, peak 1.
+
+  The same curve opens the speaker's mouth in the video, so lips move with the voice.
+  """
+  return np.clip(np.sin(2 * np.pi * rate * np.asarray(t) + phase), 0, None) ** 1.5
+
+
 def voice_segment(rng: np.random.Generator, voice: Voice, audio_code: int, num_samples: int,
-                  sample_rate: int) -> np.ndarray:
+                  sample_rate: int, syllable_phase: float | None = None) -> np.ndarray:
   """A vowel-like sound of ``audio_code``: harmonics of f0 under a formant, syllable-modulated.
+
+  Args:
+    syllable_phase: start phase of the syllable rhythm (radians); None draws it from ``rng``.
 
   Returns:
     float32 [num_samples], peak amplitude about 1.
   """
   lo, hi = _VOICE_PITCH[audio_code]
   f0 = lo + (hi - lo) * voice.pitch_u
-  rlo, rhi = _VOICE_RATE[audio_code]
-  rate = rlo + (rhi - rlo) * voice.rate_u
+  rate = syllable_rate(voice, audio_code)
   flo, fhi = _VOICE_FORMANT[audio_code]
   formant = flo + (fhi - flo) * voice.formant_u
   t = np.arange(num_samples) / sample_rate
@@ -313,8 +380,82 @@ def voice_segment(rng: np.random.Generator, voice: Voice, audio_code: int, num_s
     amp = (np.exp(-((fk - formant) / 300) ** 2) + 0.5 * np.exp(-((fk - 2300) / 600) ** 2)
            + 0.3 / k)
     out += np.float32(amp) * np.sin(np.float32(k) * phase)
-  # Syllables: a raised-sine envelope at the code's rate, with a random start phase.
-  envelope = np.clip(np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi)), 0, None) ** 1.5
-  out *= envelope.astype(np.float32)
+  if syllable_phase is None:
+    syllable_phase = rng.uniform(0, 2 * np.pi)
+  out *= syllable_envelope(t, rate, syllable_phase).astype(np.float32)
   peak = np.max(np.abs(out)) or 1.0
   return (out / peak).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Degradations of single frames: what a real video's worst frames look like.
+
+
+@dataclasses.dataclass(frozen=True)
+class Occluder:
+  """A hand or an object in front of a face, placed relative to the head (units: face height)."""
+
+  dx: float
+  dy: float
+  rx: float
+  ry: float
+  angle: float                   # degrees
+  colour: tuple[int, int, int]
+  hand: bool                     # a hand (skin, finger gaps) or an object (flat colour)
+
+
+def random_occluder(rng: np.random.Generator) -> Occluder:
+  """A hand over the mouth or cheek, or an object (microphone, cup) in front of the face.
+
+  It covers roughly a fifth to a half of the face: the mouth, or one eye and cheek, so the
+  expression is partly hidden but rarely all of it.
+  """
+  hand = bool(rng.random() < 0.6)
+  if rng.random() < 0.6:   # in front of the mouth and chin
+    dx, dy = rng.uniform(-0.12, 0.12), rng.uniform(0.2, 0.35)
+  else:                    # on one side: an eye and the cheek
+    dx, dy = rng.choice([-1, 1]) * rng.uniform(0.2, 0.3), rng.uniform(-0.1, 0.15)
+  if hand:
+    base = np.array(_SKIN_TONES[rng.integers(len(_SKIN_TONES))], float)
+    colour = tuple(int(v) for v in np.clip(base + rng.normal(0, 10, 3), 0, 255))
+  else:
+    colour = tuple(int(v) for v in rng.integers(20, 200, 3))
+  return Occluder(dx=float(dx), dy=float(dy), rx=float(rng.uniform(0.16, 0.26)),
+                  ry=float(rng.uniform(0.12, 0.2)), angle=float(rng.uniform(-40, 40)),
+                  colour=colour, hand=hand)
+
+
+def draw_occluder(img: np.ndarray, center: tuple[float, float], ident: FaceIdentity,
+                  occ: Occluder) -> None:
+  """Draws ``occ`` over the face at ``center`` (in place)."""
+  h = ident.size
+  c = (center[0] + occ.dx * h, center[1] + occ.dy * h)
+  cv2.ellipse(img, _pt(*c), _pt(occ.rx * h, occ.ry * h), occ.angle, 0, 360, occ.colour, -1,
+              cv2.LINE_AA)
+  if occ.hand:  # three finger gaps across the back of the hand
+    gap = tuple(int(0.7 * v) for v in occ.colour)
+    rad = np.deg2rad(occ.angle)
+    along, across = np.array([np.cos(rad), np.sin(rad)]), np.array([-np.sin(rad), np.cos(rad)])
+    for k in (-0.5, 0.0, 0.5):
+      mid = np.array(c) + k * occ.ry * h * across
+      a, b = mid - 0.7 * occ.rx * h * along, mid + 0.7 * occ.rx * h * along
+      cv2.line(img, _pt(*a), _pt(*b), gap, max(1, int(0.01 * h)), cv2.LINE_AA)
+
+
+def motion_blur(img: np.ndarray, length: float, angle: float) -> np.ndarray:
+  """Blur along a line of ``length`` pixels at ``angle`` degrees: a fast head or camera move."""
+  size = int(np.ceil(length)) | 1
+  kernel = np.zeros((size, size), np.float32)
+  mid = size // 2
+  rad = np.deg2rad(angle)
+  dx, dy = 0.5 * length * np.cos(rad), 0.5 * length * np.sin(rad)
+  cv2.line(kernel, _pt(mid - dx, mid - dy), _pt(mid + dx, mid + dy), 1.0, 1, cv2.LINE_AA)
+  kernel /= kernel.sum()
+  return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT)
+
+
+def jpeg_artifacts(img: np.ndarray, quality: int) -> np.ndarray:
+  """The frame through a JPEG encoder at a low ``quality``: blocks and ringing."""
+  ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+  assert ok
+  return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)

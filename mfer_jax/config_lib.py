@@ -76,11 +76,11 @@ def base_config() -> ConfigDict:
       "fusion": {
           "name": "mfm",          # one of FUSION_VARIANTS
           "dim": 256,             # common width of both streams
-          "num_layers": 2,        # bidirectional cross-attention blocks (mfm)
+          "num_layers": 2,        # bidirectional cross-attention blocks (mfm*)
           "num_heads": 8,
           "mlp_ratio": 4.0,
           "dropout": 0.1,
-          "gate_hidden": 128,     # hidden width of the modality-gate MLP (gated, mfm)
+          "gate_hidden": 128,     # hidden width of the modality-gate MLP (gated, mfm*)
       },
       # The temporal head over the fused features of a clip's frames (models/temporal.py,
       # docs/temporal.md); any head but none needs data.sequence.length >= 2.
@@ -127,6 +127,10 @@ def base_config() -> ConfigDict:
       "grad_clip_norm": 1.0,      # 0 disables clipping
       "grad_accum_steps": 1,      # microbatches per step (same global batch, less memory)
       "label_smoothing": 0.0,
+      # > 0 keeps an exponential moving average of the params in the train state (decay
+      # min(ema_decay, (1 + step) / (10 + step)), training/step.py); it is checkpointed, and
+      # the evaluators (so the best checkpoint) and prediction use it instead of the params.
+      "ema_decay": 0.0,
       "loss": "cross_entropy",    # cross_entropy | focal (training/losses.py)
       "focal_gamma": 2.0,         # focal: (1 - p_t)^gamma down-weights easy frames; 0 = CE
       "focal_alpha": (),          # focal: () or one weight per class (alpha_c of the target)

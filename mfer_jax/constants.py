@@ -28,7 +28,8 @@ TFDS_NAME = "aff_wild2_expr"
 FACE_SIZE = 112
 
 # Fusion variants (mfer_jax.models.fusion), in ablation-table order.
-FUSION_VARIANTS = ("visual_only", "audio_only", "concat", "sum", "gated", "mfm")
+FUSION_VARIANTS = ("visual_only", "audio_only", "concat", "sum", "gated", "mfm",
+                   "mfm_sigmoid_concat")
 SINGLE_MODALITY_FUSIONS = ("visual_only", "audio_only")
 # Variants whose reported modality gates are fixed by construction rather than learned:
 # the single-modality ones (1 for their modality), sum (equal weights it really applies) and

@@ -41,7 +41,10 @@ def test_variant_shapes_and_gates(fusion):
   out = run(model, make_batch())
   assert out["logits"].shape == (4, 8) and out["logits"].dtype == jnp.float32
   gates = np.asarray(out["gates"])
-  np.testing.assert_allclose(gates.sum(-1), 1.0, atol=1e-6)
+  if fusion == "mfm_sigmoid_concat":   # a weight per modality, each in [0, 1]
+    assert ((gates >= 0) & (gates <= 1)).all() and (gates[0::2] > 0).all()
+  else:
+    np.testing.assert_allclose(gates.sum(-1), 1.0, atol=1e-6)
   if fusion == "visual_only":
     np.testing.assert_allclose(gates, [[1, 0]] * 4, atol=1e-6)
   else:
@@ -73,6 +76,33 @@ def test_reported_gates_are_the_weights_the_head_sees(fusion):
   np.testing.assert_allclose(out["visual"][1], [[1.0, 0.0]] * 3, atol=1e-7)
   mixed = gates[:, :1] * out["visual"][0] + gates[:, 1:] * out["audio"][0]
   np.testing.assert_allclose(out["both"][0], mixed, atol=1e-5)
+
+
+def test_sigmoid_concat_head_sees_each_modality_scaled_by_its_own_weight():
+  """mfm_sigmoid_concat feeds the head [2 g_v visual, 2 g_a audio]. With no cross-attention
+  block each pooled feature ignores the other modality, so with both modalities each half is
+  the single-modality run's half, rescaled by the ratio of that modality's weight with both
+  to its weight alone, and a missing modality's half is zero."""
+  cfg = tiny_model_config("mfm_sigmoid_concat").fusion
+  cfg.num_layers = 0
+  fuse = fusion_lib.Fusion(cfg, 24, 40, 8, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  v = jnp.asarray(rng.normal(size=(3, 5, 24)), jnp.float32)
+  a = jnp.asarray(rng.normal(size=(3, 7, 40)), jnp.float32)
+  out = {name: [np.asarray(x) for x in fuse.features(v, a, jnp.asarray([avail] * 3))]
+         for name, avail in
+         (("both", [True, True]), ("visual", [True, False]), ("audio", [False, True]))}
+  d = cfg.dim
+  g = {name: gates for name, (_, gates) in out.items()}
+  assert (g["visual"][:, 1] == 0).all() and (g["audio"][:, 0] == 0).all()
+  assert not np.allclose(g["both"].sum(-1), 1.0)   # not a share: sigmoid weights
+  assert (out["visual"][0][:, d:] == 0).all() and (out["audio"][0][:, :d] == 0).all()
+  np.testing.assert_allclose(out["both"][0][:, :d],
+                             out["visual"][0][:, :d] * g["both"][:, :1] / g["visual"][:, :1],
+                             atol=1e-5)
+  np.testing.assert_allclose(out["both"][0][:, d:],
+                             out["audio"][0][:, d:] * g["both"][:, 1:] / g["audio"][:, 1:],
+                             atol=1e-5)
 
 
 def test_single_modality_variants_build_one_encoder():

@@ -25,6 +25,7 @@ from mfer_jax import config_lib, errors, evaluation, sharding
 from mfer_jax.data import pipeline, reader, store
 from mfer_jax.models import model as model_lib
 from mfer_jax.models import swin_import
+from mfer_jax.prediction import predictor as predictor_lib
 from mfer_jax.training import checkpointing, evaluator as evaluator_lib, init_files, loop
 from mfer_jax.training import optimizer
 from mfer_jax.training import state as state_lib
@@ -322,6 +323,78 @@ def test_rerunning_a_finished_run_reports_its_final_eval(data_dir, tiny_run):
   assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
 
 
+def test_ema_params_follow_the_formula_and_are_what_is_evaluated(data_dir):
+  """ema_t = d_t ema_{t-1} + (1 - d_t) params_t with d_t = min(decay, (1 + t) / (10 + t)),
+  starting from the initial params, computed here in numpy from the params of each step."""
+  config = deterministic_config(data_dir)
+  config.train.ema_decay = 0.6   # below (1 + t) / (10 + t) from t = 13: both branches of min
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _, state, _, step, local = _pieces(config, mesh)
+  batch = pipeline.to_global_batch(local, mesh)
+  as_numpy = lambda tree: [np.asarray(x, np.float64) for x in
+                           jax.tree.leaves(jax.device_get(nnx.to_pure_dict(tree)))]
+  expected = as_numpy(state.params)
+  for a, b in zip(as_numpy(state.ema_params), expected, strict=True):
+    np.testing.assert_array_equal(a, b)
+  for t in range(15):
+    state, _ = step(state, batch)
+    d = min(0.6, (1 + t) / (10 + t))
+    expected = [d * e + (1 - d) * p for e, p in zip(expected, as_numpy(state.params))]
+  ema = as_numpy(state.ema_params)
+  for a, b in zip(ema, expected, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert any(not np.allclose(a, p) for a, p in zip(ema, as_numpy(state.params)))
+  assert state_lib.eval_params(state) is state.ema_params
+
+
+def _restore(workdir, config, step):
+  """The sharded train state of checkpoint ``step`` (EMA included when the config keeps one)."""
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  spec = state_lib.ModelSpec(config.model)
+  tx, _ = optimizer.make_optimizer(config.train, 1)
+  state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules,
+                                       ema=state_lib.uses_ema(config.train))
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    state = ckpt.restore_state_only(step, state_lib.abstract_state(state_sh, spec, tx))
+  finally:
+    ckpt.close()
+  return state, (mesh, spec, state_sh)
+
+
+def test_ema_is_checkpointed_resumed_bitwise_evaluated_and_predicted_with(data_dir, tmp_path):
+  """With train.ema_decay, checkpoints hold the EMA; a run resumed from its first checkpoint
+  ends with the same params and EMA bit for bit; the loop's evaluations are of the EMA (not
+  of the raw params) and so are the Predictor's."""
+  config = tiny_config(data_dir)
+  config.train.ema_decay = 0.5
+  full = tmp_path / "full"
+  loop.train_and_evaluate(config, str(full))
+  # A run that stopped after its step-4 checkpoint: only that checkpoint survives.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(full, resumed)
+  for stale in ("checkpoints/8", "checkpoints/12", "FINISHED.json"):
+    shutil.rmtree(resumed / stale) if (resumed / stale).is_dir() else (resumed / stale).unlink()
+  loop.train_and_evaluate(config, str(resumed))
+  final, (mesh, spec, state_sh) = _restore(full, config, 12)
+  again, _ = _restore(resumed, config, 12)
+  for a, b in zip(jax.tree.leaves((final.params, final.ema_params)),
+                  jax.tree.leaves((again.params, again.ema_params)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The step-12 evaluation JSON is the EMA's: its gate means (floats) match the EMA's and not
+  # the raw params'.
+  written = [e for e in evaluation.read_evals(full) if e["step"] == 12][0]
+  ev = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params)["validation"]
+  of_ema, of_raw = ev(final.ema_params), ev(final.params)
+  np.testing.assert_allclose(np.asarray(list(of_ema["gate_mean"].values()), float),
+                             np.asarray(list(written["gate_mean"].values()), float), atol=1e-6)
+  assert of_raw["gate_mean"] != of_ema["gate_mean"]
+  best = predictor_lib.Predictor(full, which="latest", batch_size=16)
+  assert best.step == 12
+  for a, b in zip(jax.tree.leaves(best._params), jax.tree.leaves(final.ema_params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bf16_first_moments_and_one_step_matches_float32(data_dir):
   """train.mu_dtype=bfloat16: Adam's first moments are bf16 (second moments stay float32),
   and two steps (the first has learning rate 0 in warmup) move the params as float32 does."""
@@ -434,8 +507,10 @@ def test_adam_is_adam_with_l2_decay_on_matrices():
 
 def test_init_file_loads_into_an_fsdp_sharded_state(data_dir, tmp_path):
   """model.image.init_file into a state sharded over an fsdp axis of 8 devices: the encoder
-  holds the file's values exactly, and every param keeps its sharding."""
+  holds the file's values exactly, every param keeps its sharding, and the EMA of the params
+  starts from the loaded values."""
   config = tiny_config(data_dir)
+  config.train.ema_decay = 0.9
   enc_cfg = model_lib.encoder_config(config.model.image, 3)
   rng = np.random.default_rng(1)
   values = {p: rng.normal(size=s).astype(np.float32)
@@ -458,6 +533,10 @@ def test_init_file_loads_into_an_fsdp_sharded_state(data_dir, tmp_path):
   assert split > 10   # the fsdp axis really splits the encoder's kernels
   same = jax.tree.map(lambda a, s: a.sharding == s, loaded.params, state_sh.params)
   assert all(jax.tree.leaves(same))
+  for ema, param in zip(jax.tree.leaves(loaded.ema_params), jax.tree.leaves(loaded.params),
+                        strict=True):
+    assert ema.sharding == param.sharding
+    np.testing.assert_array_equal(np.asarray(ema), np.asarray(param))
 
 
 def test_eval_mode_needs_only_the_eval_split_and_writes_beside_its_checkpoint(

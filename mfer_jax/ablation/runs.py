@@ -24,7 +24,8 @@ SINGLE = constants.SINGLE_MODALITY_FUSIONS
 FUSED = tuple(f for f in FUSION_ORDER if f not in SINGLE)
 SAMPLING_ORDER = constants.SAMPLING_MODES
 TEMPORAL_ORDER = constants.TEMPORAL_HEADS
-DEFAULT_SWEEP = ("visual_only", "audio_only", "concat", "gated", "mfm")
+DEFAULT_SWEEP = ("visual_only", "audio_only", "concat", "gated", "mfm",
+                 "mfm_sigmoid_concat")
 RUN_NAME = re.compile(
     r"^(?P<fusion>[a-z_]+)-(?P<sampling>[a-z]+)(?:-(?P<temporal>[a-z]+))?-seed(?P<seed>\d+)$")
 

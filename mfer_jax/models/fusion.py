@@ -9,10 +9,16 @@ Variants are name-keyed (``config.model.fusion.name``) so ablations are a config
   gated        adaptive modality weights on the pooled features, no cross-attention
   mfm          the Modal Fusion Module: L bidirectional cross-attention blocks, then the
                adaptive modality weights (docs/method.md)
+  mfm_sigmoid_concat
+               the same blocks, but each modality gets its own sigmoid weight (the two do
+               not compete for a share), and the weighted features are concatenated
+               (docs/demo_experiments.md: why this form was tried)
 
 Every variant returns ``(logits [B, classes], gates [B, 2])``; ``gates`` are the weights given
-to (visual, audio) and sum to 1. A modality that is unavailable for an example (no face crop,
-or blanked by modality dropout) gets weight 0 and its tokens are zeroed. For ``gated``,
+to (visual, audio) and sum to 1 (for ``mfm_sigmoid_concat`` each is in [0, 1] on its own, and
+the head sees ``[2 gates[:, 0] * visual, 2 gates[:, 1] * audio]``: weights of 1/2 are
+neutral). A modality that is unavailable for an example (no face crop, or blanked by modality
+dropout) gets weight 0 and its tokens are zeroed. For ``gated``,
 ``mfm`` and ``sum`` the head sees exactly ``gates[:, 0] * visual + gates[:, 1] * audio``:
 ``sum`` has fixed gates (1/2 each, or 1 for the only available modality), learned ones
 otherwise. ``concat`` has no mixing weights (the head sees both features side by side); its
@@ -37,6 +43,9 @@ from mfer_jax.models import layers
 from mfer_jax.models.layers import FLOAT32, Precision
 
 LN_EPS = 1e-5
+_CROSS_ATTENTION = ("mfm", "mfm_sigmoid_concat")
+_LEARNED_GATES = ("gated", "mfm", "mfm_sigmoid_concat")
+_CONCATENATED = ("concat", "mfm_sigmoid_concat")
 
 
 class BidirectionalBlock(nnx.Module):
@@ -71,7 +80,7 @@ class BidirectionalBlock(nnx.Module):
 
 
 class Fusion(nnx.Module):
-  """All six fusion variants; which parts exist depends on the variant name.
+  """All fusion variants; which parts exist depends on the variant name.
 
   Args:
     cfg: ``config.model.fusion``: name, dim, num_layers, num_heads, mlp_ratio, dropout,
@@ -95,7 +104,8 @@ class Fusion(nnx.Module):
     norm = lambda: layers.LayerNorm(d, eps=LN_EPS, param_dtype=precision.param)  # noqa: E731
     self.proj_v = layers.Dense(visual_dim, d, ("embed", None), **kw) if visual_dim else None
     self.proj_a = layers.Dense(audio_dim, d, ("embed", None), **kw) if audio_dim else None
-    if self.name == "mfm":
+    self.cross_attention = self.name in _CROSS_ATTENTION
+    if self.cross_attention:
       # Learned modality embeddings tell the shared-width streams apart.
       self.modality_embed = layers.param(layers.trunc_normal, (None, "embed"), rngs.params(),
                                          (2, d), precision.param)
@@ -104,18 +114,21 @@ class Fusion(nnx.Module):
           for _ in range(cfg.num_layers)])
     self.norm_v = norm() if visual_dim else None
     self.norm_a = norm() if audio_dim else None
-    if self.name in ("gated", "mfm"):
+    if self.name in _LEARNED_GATES:
       self.gate_fc1 = layers.Dense(2 * d, cfg.gate_hidden, ("embed", "mlp"), **kw)
       self.gate_fc2 = layers.Dense(cfg.gate_hidden, 2, ("mlp", None), **kw)
     # Width of the fused pre-head feature (what a temporal head models).
-    self.feature_dim = 2 * d if self.name == "concat" else d
+    self.feature_dim = 2 * d if self.name in _CONCATENATED else d
     self.head = layers.Dense(self.feature_dim, num_classes, ("embed", "classes"), **kw)
 
   def _gates(self, pv, pa, avail):
-    """Softmax over per-modality gate logits; unavailable modalities get weight 0."""
-    if self.name in ("gated", "mfm"):
+    """Softmax over per-modality gate logits (a sigmoid per modality for
+    mfm_sigmoid_concat); unavailable modalities get weight 0."""
+    if self.name in _LEARNED_GATES:
       h = jax.nn.gelu(self.gate_fc1(jnp.concatenate([pv, pa], -1)), approximate=False)
       logits = self.gate_fc2(h)
+      if self.name == "mfm_sigmoid_concat":
+        return jax.nn.sigmoid(logits) * avail
     elif self.name in ("visual_only", "audio_only"):
       # A single-modality model trusts its one modality by construction, face or no face.
       one = jnp.asarray([1.0, 0.0] if self.name == "visual_only" else [0.0, 1.0])
@@ -159,7 +172,7 @@ class Fusion(nnx.Module):
       v = self.proj_v(v_tokens) * avail[:, 0, None, None]
     if a_tokens is not None:
       a = self.proj_a(a_tokens) * avail[:, 1, None, None]
-    if self.name == "mfm":
+    if self.cross_attention:
       emb = self.modality_embed[...].astype(jnp.float32)
       v, a = v + emb[0], a + emb[1]
       block_call = layers.remat(BidirectionalBlock.__call__, self.remat)
@@ -179,6 +192,8 @@ class Fusion(nnx.Module):
     gates = self._gates(pv, pa, avail)
     if self.name == "concat":
       fused = jnp.concatenate([pv, pa], axis=-1)
+    elif self.name == "mfm_sigmoid_concat":
+      fused = jnp.concatenate([2 * gates[:, :1] * pv, 2 * gates[:, 1:] * pa], axis=-1)
     else:
       fused = gates[:, :1] * pv + gates[:, 1:] * pa
     return fused, gates

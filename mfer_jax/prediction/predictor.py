@@ -86,7 +86,8 @@ class Predictor:
     spec = state_lib.ModelSpec(self.config.model,
                                from_features=bool(self.config.data.features_dir))
     tx, _ = optimizer.make_optimizer(self.config.train, 1)
-    shardings = state_lib.state_shardings(spec, tx, mesh, self.config.mesh.rules)
+    shardings = state_lib.state_shardings(spec, tx, mesh, self.config.mesh.rules,
+                                          ema=state_lib.uses_ema(self.config.train))
     if not (pathlib.Path(workdir) / "checkpoints").is_dir():
       raise WorkdirError(f"{workdir}/checkpoints not found; train {workdir} first")
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)
@@ -98,7 +99,7 @@ class Predictor:
     finally:
       ckpt.close()
     self.step = int(restored.step)
-    self._params = restored.state.params
+    self._params = state_lib.eval_params(restored.state)
     rules = self.config.mesh.rules
 
     def forward(params, face, mel, has_face):

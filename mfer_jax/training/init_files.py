@@ -6,6 +6,8 @@ when the workdir has no checkpoint yet.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
@@ -54,4 +56,7 @@ def apply_init_files(config: ConfigDict, spec: ModelSpec, state: TrainState) -> 
     loaded = True
   if not loaded:
     return state
-  return state.replace(params=nnx.state(model, nnx.Param))
+  params = nnx.state(model, nnx.Param)
+  # The EMA starts from the loaded weights too, not from the random ones they replaced.
+  ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+  return state.replace(params=params, ema_params=ema)

@@ -209,7 +209,7 @@ def _evaluate(run: Run, state: state_lib.TrainState, step: int,
   for name in names:
     primary = name == run.primary
     try:
-      result = run.evaluators[name](state.params, should_stop=stop)
+      result = run.evaluators[name](state_lib.eval_params(state), should_stop=stop)
       if result is None:
         raise _Stopped()
     except Exception:
@@ -386,7 +386,8 @@ def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> d
     cache.check_config(config)
   spec = state_lib.ModelSpec(config.model, from_features=features_dir)
   tx, _ = optimizer.make_optimizer(config.train, 1)   # the state's structure, for restoring
-  state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules)
+  state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules,
+                                      ema=state_lib.uses_ema(config.train))
   name = config.train.primary_eval
   evaluator = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params, only=name)[name]
   checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
@@ -396,7 +397,7 @@ def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> d
   finally:
     checkpointer.close()
   with preemption.StopRequest() as stop:
-    result = evaluator(restored.state.params, should_stop=stop)
+    result = evaluator(state_lib.eval_params(restored.state), should_stop=stop)
   if result is None:
     raise errors.Preempted(f"{stop.signal_name} during the evaluation of step {restored.step}; "
                            "nothing was written, rerun the same command")

@@ -34,6 +34,9 @@ class TrainState:
       (seed, step) and a resumed run draws exactly what an uninterrupted one would.
     bad_step: -1, or the first step whose loss or gradient was not finite (the NaN guard
       freezes the state from then on and the loop stops with a message naming it).
+    ema_params: exponential moving average of ``params`` when ``train.ema_decay`` > 0 (see
+      `mfer_jax.training.step.ema_decay_at`), else None. Evaluation, the best checkpoint and
+      prediction use it (`eval_params`).
   """
 
   step: jax.Array
@@ -41,6 +44,17 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   bad_step: jax.Array
+  ema_params: Any = None
+
+
+def uses_ema(train_cfg: ConfigDict) -> bool:
+  """Whether ``config.train`` keeps an EMA of the params (so the state has ``ema_params``)."""
+  return float(train_cfg.ema_decay) > 0
+
+
+def eval_params(state: TrainState) -> Any:
+  """The parameters to evaluate and predict with: the EMA when there is one."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 class ModelSpec:
@@ -76,9 +90,9 @@ def _init_params(spec: ModelSpec, key: jax.Array):
 
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules) -> TrainState:
-  """NamedShardings for every TrainState leaf: params by rules, optimizer moments like their
-  params, and scalars (step, counts, keys) replicated with ``P()``."""
+                    rules, ema: bool = False) -> TrainState:
+  """NamedShardings for every TrainState leaf: params (and their EMA when ``ema``) by rules,
+  optimizer moments like their params, and scalars (step, counts, keys) replicated."""
   replicated = NamedSharding(mesh, P())
   param_sh = sharding.state_shardings(spec.abstract_params, mesh, rules)
   opt_abstract = jax.eval_shape(tx.init, spec.abstract_params)
@@ -90,7 +104,7 @@ def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mes
   opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, opt_sh,
                         is_leaf=lambda x: isinstance(x, NamedSharding))
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
-                    bad_step=replicated)
+                    bad_step=replicated, ema_params=param_sh if ema else None)
 
 
 def create_train_state(config: ConfigDict, spec: ModelSpec, tx: optax.GradientTransformation,
@@ -101,7 +115,8 @@ def create_train_state(config: ConfigDict, spec: ModelSpec, tx: optax.GradientTr
     (state, shardings): the sharded state and the matching tree of NamedShardings, which the
     step and the checkpoint restore reuse.
   """
-  shardings = state_shardings(spec, tx, mesh, config.mesh.rules)
+  ema = uses_ema(config.train)
+  shardings = state_shardings(spec, tx, mesh, config.mesh.rules, ema=ema)
   sharding.check_replication(spec.abstract_params, shardings.params, mesh,
                              config.mesh.max_replicated_fraction)
   seed_key = jax.random.key(config.seed)
@@ -110,7 +125,8 @@ def create_train_state(config: ConfigDict, spec: ModelSpec, tx: optax.GradientTr
   def init(param_key, rng):
     params = _init_params(spec, param_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=rng, bad_step=jnp.full((), -1, jnp.int32))
+                      rng=rng, bad_step=jnp.full((), -1, jnp.int32),
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
   with sharding.use_rules(mesh, config.mesh.rules):
     state = jax.jit(init, out_shardings=shardings)(param_key, rng)
@@ -123,6 +139,7 @@ def abstract_state(shardings: TrainState, spec: ModelSpec,
   shapes = jax.eval_shape(lambda: TrainState(
       step=jnp.zeros((), jnp.int32), params=spec.abstract_params,
       opt_state=tx.init(spec.abstract_params), rng=jax.random.key(0),
-      bad_step=jnp.zeros((), jnp.int32)))
+      bad_step=jnp.zeros((), jnp.int32),
+      ema_params=None if shardings.ema_params is None else spec.abstract_params))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)

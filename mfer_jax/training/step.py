@@ -59,6 +59,17 @@ def batch_shardings(mesh: Mesh, rules, example_batch: dict[str, Any]) -> dict[st
   return {k: sharding.batch_sharding(mesh, rules, np.ndim(v)) for k, v in example_batch.items()}
 
 
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+  """The EMA decay used for the update after ``step`` optimizer steps.
+
+  ``min(decay, (1 + step) / (10 + step))`` (TensorFlow's ExponentialMovingAverage with
+  num_updates): early averages forget the random initialisation quickly, which matters in
+  runs of a few hundred steps.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, cfg: ConfigDict, mesh: Mesh,
                     state_sh: TrainState, batch_sh: dict[str, Any],
@@ -77,6 +88,7 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     class_weights: float32 [num_classes] loss weight per class (ones for none).
   """
   num_classes = cfg.model.num_classes
+  ema_decay = float(cfg.train.ema_decay)
   accum = int(cfg.train.grad_accum_steps)
   rules = cfg.mesh.rules
   cw = jnp.asarray(class_weights, jnp.float32)
@@ -123,12 +135,18 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     # loop stops at its next check, and no checkpoint is written after it.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    ema = state.ema_params
+    if ema is not None:
+      d = ema_decay_at(ema_decay, state.step)
+      ema = keep(jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params),
+                 ema)
     new_state = TrainState(
         step=state.step + ok.astype(jnp.int32),
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         rng=state.rng,
-        bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step))
+        bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step),
+        ema_params=ema)
     n = jnp.sum(batch["mask"])
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                "accuracy": correct / jnp.maximum(n, 1), "examples": n}
