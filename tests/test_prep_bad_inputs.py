@@ -145,7 +145,7 @@ def test_missing_test_list_is_fatal_unless_given(tmp_path):
   _good_video(root)
   prep_raw.write_media(root / "batch1" / "t1.mp4", 5)
   proc = commands.run("data_prep.build", f"--root={root}", f"--out={tmp_path / 'out'}",
-                      "--workers=1")
+                      "--workers=1", "--splits=train,test")
   commands.assert_user_error(proc, 1, "--test_list")
   listing = tmp_path / "names.txt"
   listing.write_text("t1.mp4\n\nt1\n")

@@ -511,7 +511,7 @@ def test_init_file_loads_into_an_fsdp_sharded_state(data_dir, tmp_path):
   starts from the loaded values."""
   config = tiny_config(data_dir)
   config.train.ema_decay = 0.9
-  enc_cfg = model_lib.encoder_config(config.model.image, 3)
+  enc_cfg = model_lib.image_arch(config.model)   # a SwinConfig for the tiny config
   rng = np.random.default_rng(1)
   values = {p: rng.normal(size=s).astype(np.float32)
             for p, s in swin_import.expected_shapes(enc_cfg).items()}
