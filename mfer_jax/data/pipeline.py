@@ -138,24 +138,40 @@ class _TrainBatch:
     return _stack(examples)
 
 
-class _EvalBatch:
-  """Eval batch number -> this process's block; positions past the end are masked padding."""
+class _EvalBlocks:
+  """Eval batch number -> this process's block of positions in a fixed item list.
 
-  def __init__(self, reader: sources.RecordReader, record_ids: np.ndarray,
-               video_id: np.ndarray, *, global_batch: int, local_batch: int,
+  Every process reads the same global batches in the same order; process ``p`` takes rows
+  ``p * local_batch ...`` of each. Positions past the end are padding (``real`` False).
+  """
+
+  def __init__(self, num_items: int, *, global_batch: int, local_batch: int,
                process_index: int):
-    self._reader = reader
-    self._record_ids = record_ids
-    self._video_id = video_id
+    self._num_items = num_items
     self._global_batch = global_batch
     self._local_batch = local_batch
     self._process_index = process_index
 
-  def __call__(self, b: int) -> dict[str, np.ndarray]:
+  def positions(self, b: int):
+    """Yields (position, real) for this process's rows of eval batch ``b``."""
     first = int(b) * self._global_batch + self._process_index * self._local_batch
-    examples = []
     for pos in range(first, first + self._local_batch):
-      real = pos < self._record_ids.shape[0]
+      yield pos, pos < self._num_items
+
+
+class _EvalBatch(_EvalBlocks):
+  """Eval batch number -> this process's block of frames; positions past the end are masked."""
+
+  def __init__(self, reader: sources.RecordReader, record_ids: np.ndarray,
+               video_id: np.ndarray, **layout):
+    super().__init__(record_ids.shape[0], **layout)
+    self._reader = reader
+    self._record_ids = record_ids
+    self._video_id = video_id
+
+  def __call__(self, b: int) -> dict[str, np.ndarray]:
+    examples = []
+    for pos, real in self.positions(b):
       # Padding has the shapes of a real record (the first) but carries no data.
       i = int(self._record_ids[pos if real else 0])
       ex = self._reader[i]
@@ -172,23 +188,19 @@ class _EvalBatch:
     return _stack(examples)
 
 
-class _EvalWindowBatch:
+class _EvalWindowBatch(_EvalBlocks):
   """Eval batch number -> this process's block of windows; windows past the end are padding."""
 
   def __init__(self, reader: sources.RecordReader, windows: np.ndarray, selected: np.ndarray,
-               *, global_batch: int, local_batch: int, process_index: int):
+               **layout):
+    super().__init__(windows.shape[0], **layout)
     self._reader = reader
     self._windows = windows
     self._selected = selected
-    self._global_batch = global_batch
-    self._local_batch = local_batch
-    self._process_index = process_index
 
   def __call__(self, b: int) -> dict[str, np.ndarray]:
-    first = int(b) * self._global_batch + self._process_index * self._local_batch
     examples = []
-    for pos in range(first, first + self._local_batch):
-      real = pos < self._windows.shape[0]
+    for pos, real in self.positions(b):
       rows = self._windows[pos if real else 0]
       scored = self._selected[np.maximum(rows, 0)] & (rows >= 0)
       clip = read_clip(self._reader, rows, scored)
