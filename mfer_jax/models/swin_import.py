@@ -124,7 +124,9 @@ def timm_key(path: str) -> str:
   return ".".join(parts)
 
 
-def _to_ours(path: str, value: np.ndarray) -> np.ndarray:
+def timm_value_to_ours(path: str, value: np.ndarray) -> np.ndarray:
+  """A timm tensor in our layout: conv OIHW -> HWIO, Linear [out, in] -> [in, out] (the same
+  for every timm vision model we import: Swin and ViT)."""
   if path == "patch_embed/kernel":
     return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
   if path.endswith("/kernel"):
@@ -285,7 +287,7 @@ def load_swin_params(path: str, cfg: swin.SwinConfig) -> Params:
     if name[p] not in source:
       missing.append(name[p])
       continue
-    value = source[name[p]] if ours else _to_ours(p, source[name[p]])
+    value = source[name[p]] if ours else timm_value_to_ours(p, source[name[p]])
     params[p] = _adapt(p, value, shape, windows)
   _fold_to_grey(params, want)
   for p, value in params.items():

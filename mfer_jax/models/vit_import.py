@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from mfer_jax.models import import_common
+from mfer_jax.models import swin_import
 from mfer_jax.models import vit
 
 CheckpointError = import_common.CheckpointError
@@ -50,14 +51,6 @@ def timm_key(path: str) -> str:
     parts = ["patch_embed", "proj", parts[1]]
   parts[-1] = {"kernel": "weight", "scale": "weight"}.get(parts[-1], parts[-1])
   return ".".join(parts)
-
-
-def _to_ours(path: str, value: np.ndarray) -> np.ndarray:
-  if path == "patch_embed/kernel":
-    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  if path.endswith("/kernel"):
-    return value.T
-  return value
 
 
 # ----------------------------------------------------------------------------- pos-embed resize
@@ -184,7 +177,7 @@ def load_vit_params(path: str, cfg: vit.ViTConfig) -> Params:
     if name[p] not in source:
       missing.append(name[p])
       continue
-    value = source[name[p]] if ours else _to_ours(p, source[name[p]])
+    value = source[name[p]] if ours else swin_import.timm_value_to_ours(p, source[name[p]])
     if p == "pos_embed" and value.shape != shape and value.ndim == 3 and (
         value.shape[-1] == shape[-1]):
       try:
