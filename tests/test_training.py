@@ -27,7 +27,7 @@ from mfer_jax.models import model as model_lib
 from mfer_jax.models import swin_import
 from mfer_jax.prediction import predictor as predictor_lib
 from mfer_jax.training import checkpointing, evaluator as evaluator_lib, init_files, loop
-from mfer_jax.training import optimizer
+from mfer_jax.training import losses, optimizer
 from mfer_jax.training import state as state_lib
 from mfer_jax.training import step as step_lib
 
@@ -457,27 +457,29 @@ def test_class_weights_follow_the_formula():
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_weighted_smoothed_loss_matches_optax_smooth_labels(smoothing):
-  """The step's loss sum equals sum_i w_i * CE(optax.smooth_labels(onehot(y_i)), logits_i),
-  the cross-entropy computed here with numpy."""
+  """The step's per-example loss (train.loss=cross_entropy) is CE(optax.smooth_labels(
+  onehot(y)), logits), the cross-entropy computed here with numpy; weighted by class weight x
+  mask as the step sums it."""
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(6, 8)).astype(np.float32)
   labels = np.array([0, 1, 4, 4, 7, 2])
   weights = np.array([1.0, 2.5, 0.5, 0.5, 1.0, 0.0], np.float32)   # class weight x mask
-  loss_sum, weight_sum = step_lib._weighted_ce(jnp.asarray(logits), jnp.asarray(labels),
-                                               jnp.asarray(weights), 8, smoothing)
+  cfg = config_lib.base_config().train
+  cfg.label_smoothing = smoothing
+  loss = losses.make_loss(cfg, 8)(jnp.asarray(logits), jnp.asarray(labels))
   targets = np.asarray(optax.smooth_labels(jax.nn.one_hot(labels, 8), smoothing))
   log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   ce = -(targets * log_softmax).sum(-1)
-  assert float(loss_sum) == pytest.approx(float((weights * ce).sum()), rel=1e-5)
-  assert float(weight_sum) == pytest.approx(float(weights.sum()))
+  np.testing.assert_allclose(np.asarray(loss), ce, rtol=1e-5)
+  assert float(jnp.sum(loss * weights)) == pytest.approx(float((weights * ce).sum()), rel=1e-5)
 
 
 def test_adam_is_adam_with_l2_decay_on_matrices():
   """optimizer=adam: the authors' Adam with L2 decay added to the gradient of matrices (not
   of biases), against a numpy Adam; AdamW (decoupled decay) would differ."""
-  cfg = ConfigDict(dict(optimizer="adam", learning_rate=0.05, warmup_steps=0,
-                        final_lr_ratio=1.0, weight_decay=0.1, b1=0.9, b2=0.999,
-                        grad_clip_norm=0.0))
+  cfg = config_lib.base_config().train
+  cfg.update(optimizer="adam", learning_rate=0.05, warmup_steps=0, final_lr_ratio=1.0,
+             weight_decay=0.1, b1=0.9, b2=0.999, grad_clip_norm=0.0)
   tx, _ = optimizer.make_optimizer(cfg, 10)
   rng = np.random.default_rng(0)
   params = {"dense": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=4)}}
