@@ -93,8 +93,10 @@ def _silence_failed_restore_leftovers() -> None:
   reads are still pending on an event loop it then closes; those tasks complain later, when
   they are garbage-collected (as late as interpreter exit): "Task exception was never
   retrieved" through asyncio's logger, "Event loop is closed" through `sys.unraisablehook`.
-  The failure itself was reported in one line, so from the first failed restore on, exactly
-  these two reports are dropped (others pass).
+  The failure itself is reported in one line, so exactly these two reports are dropped
+  (others pass). Installed before the first restore, not after a failure: a TensorStore
+  thread can finish a read on the just-closed loop before the failing restore has even
+  returned to our handler (a CI run printed that one traceback).
   """
   global _leftovers_silenced
   if _leftovers_silenced:
@@ -241,6 +243,7 @@ class Checkpointer:
       CheckpointMismatchError: a checkpoint is readable but its arrays do not match
         ``abstract_state`` (the config changed); nothing is renamed.
     """
+    _silence_failed_restore_leftovers()
     moved_any = False
     while True:
       self.manager.reload()
@@ -258,7 +261,6 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-exception-caught
         # Orbax and TensorStore raise plain Exception/ValueError/KeyError/OSError for damage;
         # the saved metadata tells a config mismatch (our error to report) from damage.
-        _silence_failed_restore_leftovers()
         gc.collect()   # the leftover reads, now rather than at some later moment
         self._raise_if_mismatch(step, abstract_state)
         cause = _cause(e)
