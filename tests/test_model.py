@@ -160,6 +160,13 @@ def test_preprocessing_matches_numpy():
   m = np.asarray(mel_to_input(jnp.asarray(mel), (8, 12), 1))
   assert m.shape == (1, 8, 12, 1)
   np.testing.assert_allclose(m, (1.0 - 0.449) / 0.226, atol=1e-3)
+  # An encoder family's own RGB statistics (CLIP's, say): one channel uses their averages.
+  clip = ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758))
+  m = np.asarray(mel_to_input(jnp.asarray(mel), (4, 6), 1, clip))
+  np.testing.assert_allclose(m, (1.0 - np.mean(clip[0])) / np.mean(clip[1]), rtol=1e-6)
+  f = np.asarray(face_to_input(jnp.asarray(face), (8, 8), clip))
+  np.testing.assert_allclose(f, (face / 255.0 - np.array(clip[0])) / np.array(clip[1]),
+                             atol=1e-5)
 
 
 def test_sharded_forward_equals_unsharded():

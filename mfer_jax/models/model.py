@@ -29,15 +29,9 @@ from mfer_jax.models import vit
 
 
 def _normalise(x: jax.Array, channels: int, stats=None) -> jax.Array:
-  """Per-channel (mean, std): ``stats`` (an encoder family's own, see `input_stats`), by
-  default ImageNet's for 3 channels and one grey mean/std for 1 (`models.normalisation`);
-  1 channel with ``stats`` uses their averages, as the grey statistics do ImageNet's."""
-  if stats is None:
-    mean, std = normalisation.input_stats(channels)
-  else:
-    mean, std = stats
-    if channels == 1:
-      mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+  """Per-channel normalisation with ``stats``, an encoder family's RGB (mean, std) (see
+  `input_stats`; None: ImageNet's), as `models.normalisation.input_stats` gives them."""
+  mean, std = normalisation.input_stats(channels, stats)
   return (x - jnp.asarray(mean)) / jnp.asarray(std)
 
 

@@ -30,12 +30,19 @@ GREY_MEAN = sum(IMAGENET_MEAN) / 3
 GREY_STD = sum(IMAGENET_STD) / 3
 
 
-def input_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """(mean, std) per channel of an encoder input in [0, 1] with ``channels`` channels."""
+def input_stats(channels: int, rgb_stats=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) per channel of an encoder input in [0, 1] with ``channels`` channels.
+
+  Args:
+    channels: 3 (RGB, or a grey map repeated) or 1 (a grey map fed once).
+    rgb_stats: the RGB (mean, std) an encoder family was pretrained with; None: ImageNet's.
+      One channel gets their averages, as `GREY_MEAN` / `GREY_STD` are ImageNet's.
+  """
+  mean, std = (IMAGENET_MEAN, IMAGENET_STD) if rgb_stats is None else rgb_stats
   if channels == 3:
-    return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(mean), tuple(std)
   if channels == 1:
-    return (GREY_MEAN,), (GREY_STD,)
+    return (sum(mean) / len(mean),), (sum(std) / len(std),)
   raise ValueError(f"encoder inputs have 1 or 3 channels, not {channels}")
 
 
