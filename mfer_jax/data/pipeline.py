@@ -22,7 +22,8 @@ record index in the split) for per-frame predictions. Conversion to float, resiz
 normalisation happen on device.
 
 **Clips** (``data.sequence.length`` T > 1, see `mfer_jax.data.clips`): every field gains a
-time axis after the batch axis (``face`` [B, T, S, S, 3], ``label`` [B, T], ...) and a bool
+time axis after the batch axis (``face`` [B, T, S, S, 3], or [B, T, C] cached features;
+``label`` [B, T], ...) and a bool
 ``present`` [B, T] says which slots hold a record; a padded slot has zero face and mel, no
 face, label -1 and ``mask`` False. ``mask`` marks the frames the loss or the metric counts.
 The face augmentation is drawn once per clip (every frame gets the same crop, flip and
@@ -75,7 +76,8 @@ def read_clip(reader: sources.RecordReader, rows: np.ndarray, scored: np.ndarray
     key: (seed, epoch, position) of the clip, seeding its augmentation.
 
   Returns:
-    face [T, S, S, 3], mel [T, n_mels, W], has_face, present, label, mask and index, per slot.
+    face [T, S, S, 3], mel [T, n_mels, W] (or [T, C] each from a `cache.FeatureReader`),
+    has_face, present, label, mask and index, per slot.
   """
   real = [int(r) for r in rows if r >= 0]
   cache = {real[0]: reader[real[0]]}   # the first record also gives the padding's shapes
