@@ -91,7 +91,9 @@ def read_clip(reader: sources.RecordReader, rows: np.ndarray, scored: np.ndarray
       continue
     ex = cache[int(r)] if int(r) in cache else reader[int(r)]
     face, mel = ex["face"], ex["mel"]
-    if augmenter is not None:
+    # A disabled recipe (cached features) skips seeding generators, which costs more than
+    # reading a feature row.
+    if augmenter is not None and augmenter.enabled:
       # One face draw per clip (same generator state for every frame), one mel draw per frame.
       face = augmenter.face(face, bool(ex["has_face"]), _rng(*key))
       mel = augmenter.mel(mel, _rng(*key, j + 1))
@@ -133,8 +135,10 @@ class _TrainBatch:
     draws = self._sampler.epoch_indices(epoch)
     for pos in range(first, first + self._local_batch):
       ex = self._reader[draws[pos]]
-      face, mel = self._augmenter(ex["face"], bool(ex["has_face"]), ex["mel"],
-                                  _rng(self._seed, epoch, pos))
+      face, mel = ex["face"], ex["mel"]
+      if self._augmenter.enabled:   # off for cached features: no generator to seed
+        face, mel = self._augmenter(face, bool(ex["has_face"]), mel,
+                                    _rng(self._seed, epoch, pos))
       examples.append({"face": face, "mel": mel, "has_face": ex["has_face"],
                        "label": ex["label"], "mask": np.bool_(True)})
     return _stack(examples)
