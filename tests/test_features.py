@@ -23,7 +23,7 @@ from flax import nnx
 
 import prep_raw
 from data_prep import build
-from mfer_jax import errors, evaluation, planning, sharding
+from mfer_jax import errors, evaluation, planning, reporting, sharding
 from mfer_jax.data import reader as reader_lib
 from mfer_jax.data import store
 from mfer_jax.features import cache
@@ -344,7 +344,8 @@ def temporal_run(prepared, tmp_path_factory):
 def test_feature_clips_stay_in_one_video_and_mask_padding(prepared, temporal_run):
   """Train clips read through the feature reader (the pixel route's read_clip): each holds
   the cached rows of one video at consecutive frames, padded slots are zero, unlabelled and
-  out of the loss's mask; the state (step) restores the same next batch."""
+  out of the loss's mask; the planner's batch has the same layout, two hosts read halves of
+  it, and the iterator state restores the same next batch."""
   from mfer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   _, data, _, _, _, ref, _ = prepared
   config, _, _ = temporal_run
@@ -370,6 +371,15 @@ def test_feature_clips_stay_in_one_video_and_mask_padding(prepared, temporal_run
   assert not batch["face"][~present].any() and not batch["mel"][~present].any()
   np.testing.assert_array_equal(batch["label"][~present], -1)
   np.testing.assert_array_equal(batch["mask"], present & (batch["label"] >= 0))
+  # The planner lays out the same batch (shapes, dtypes) for compiling ahead of time.
+  plan = planning.abstract_batch(config, config.data.batch_size, sharding.make_mesh((-1, 1, 1)))
+  assert {k: (v.shape, v.dtype) for k, v in plan.items()} == {
+      k: (batch[k].shape, batch[k].dtype) for k in plan}
+  # Two hosts read disjoint halves of the same global batch.
+  halves = [next(pipeline.make_train_iterator(config.data, index, process_index=p,
+                                              process_count=2)) for p in range(2)]
+  for k in batch:
+    np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), batch[k], err_msg=k)
   state = it.get_state()
   expected = next(it)
   restored = pipeline.make_train_iterator(config.data, index)
@@ -383,7 +393,8 @@ def test_feature_clips_stay_in_one_video_and_mask_padding(prepared, temporal_run
 def test_temporal_head_on_the_cache_scores_each_valid_frame_once_and_equals_the_pixel_path(
     prepared, temporal_run):
   """The run trained and evaluated on feature windows: every valid validation frame is in
-  T / hop windows and counted once. Its head on cached feature windows gives the logits of
+  T / hop windows and counted once (in training's evaluations, --mode=eval's and the
+  report's). Its head on cached feature windows gives the logits of
   the same windows built from the encoders run on the video's pixels and waveform (what
   predict does), within the cache's float16 rounding; and predict's labels are the window
   averages of those logits."""
@@ -392,6 +403,7 @@ def test_temporal_head_on_the_cache_scores_each_valid_frame_once_and_equals_the_
   from mfer_jax.prediction import labels as labels_lib  # pylint: disable=g-import-not-at-top
   from mfer_jax.prediction import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   from mfer_jax.prediction import videos  # pylint: disable=g-import-not-at-top
+  from mfer_jax.training import loop  # pylint: disable=g-import-not-at-top
   raw, data, _, _, _, _, _ = prepared
   config, workdir, result = temporal_run
   index = store.load_split(data, "validation")
@@ -403,6 +415,13 @@ def test_temporal_head_on_the_cache_scores_each_valid_frame_once_and_equals_the_
   scored = rows["index"][rows["mask"]]
   np.testing.assert_array_equal(np.bincount(scored, minlength=len(index)),
                                 np.where(valid, CLIP // HOP, 0))
+  # --mode=eval reads the same cache and equals the run's own evaluation of that step.
+  evaluated = loop.evaluate_workdir(config, str(workdir), which="latest")
+  assert {k: v for k, v in evaluated.items() if k != "path"} == evaluation.read_evals(
+      workdir)[-1]
+  best = max(evaluation.read_evals(workdir), key=lambda e: e["macro_f1"])
+  report = reporting.write_report(workdir).read_text()
+  assert f"| {best['macro_f1']:.4f} | {best['accuracy']:.4f} | {valid.sum()} |" in report
 
   predictor = predictor_lib.Predictor(workdir, which="latest", batch_size=16 * CLIP)
   entry = store.load_metadata(data)["videos"]["val"]

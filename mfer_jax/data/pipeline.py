@@ -23,13 +23,13 @@ normalisation happen on device.
 
 **Clips** (``data.sequence.length`` T > 1, see `mfer_jax.data.clips`): every field gains a
 time axis after the batch axis (``face`` [B, T, S, S, 3], or [B, T, C] cached features;
-``label`` [B, T], ...) and a bool
-``present`` [B, T] says which slots hold a record; a padded slot has zero face and mel, no
-face, label -1 and ``mask`` False. ``mask`` marks the frames the loss or the metric counts.
-The face augmentation is drawn once per clip (every frame gets the same crop, flip and
-colours, so the clip does not flicker); SpecAugment masks are drawn per frame. Eval batches
-are windows (`clips.windows`) with ``index`` [B, T]; a frame covered by several windows is
-scored once, from its averaged logits (`mfer_jax.training.step.make_window_eval_step`).
+``label`` [B, T], ...) and a bool ``present`` [B, T] says which slots hold a record; a padded
+slot has zero face and mel, no face, label -1 and ``mask`` False. ``mask`` marks the frames
+the loss or the metric counts. The face augmentation is drawn once per clip (every frame gets
+the same crop, flip and colours, so the clip does not flicker); SpecAugment masks are drawn
+per frame. Eval batches are windows (`clips.windows`) with ``index`` [B, T]; a frame covered
+by several windows is scored once, from its averaged logits
+(`mfer_jax.training.step.make_window_eval_step`).
 """
 
 from __future__ import annotations

@@ -216,9 +216,9 @@ class FeatureReader:
   Returns the same keys as `mfer_jax.data.reader.SplitReader`, with ``face`` and ``mel``
   holding the float32 image and audio features [C]: a `sources.RecordReader` in the split's
   record order, so the pipeline's frames, clips and windows (`pipeline.read_clip`) read it as
-  they read the records. Construction checks that the cache holds
-  every video of the split index with exactly its records (frame numbers); arrays are opened
-  memory-mapped on first use in each process (Grain workers included).
+  they read the records. Construction checks that the cache holds every video of the split
+  index with exactly its records (frame numbers); arrays are opened memory-mapped on first
+  use in each process (Grain workers included).
   """
 
   def __init__(self, index: sources.SplitSource, root: str | os.PathLike):
