@@ -36,7 +36,9 @@ EXTRAS_REQUIRE = {
     # torch is only the reference for weight-import parity tests; 2.13.0 is a CPU wheel on
     # this machine's disk (a looser pin would pull a multi-GB CUDA build).
     # transformers: the wav2vec 2.0 / HuBERT parity reference (mfer_jax/testing/hf_reference.py).
-    "test": ["pytest>=8", "torch==2.13.0", "timm~=1.0.31", "transformers~=5.24.0"],
+    # pytest-xdist: `make test` runs two workers (Makefile, TEST_WORKERS).
+    "test": ["pytest>=8", "pytest-xdist~=3.8", "torch==2.13.0", "timm~=1.0.31",
+             "transformers~=5.24.0"],
     # Accelerators: jax's own extras, which pin their PJRT plugin (and, for GPUs, the CUDA 12
     # and cuDNN wheels; for TPUs, libtpu) to the same jax version as above. docs/scaling.md.
     "cuda": ["jax[cuda12]~=0.10.2"],

@@ -8,7 +8,7 @@ Stages, each in its own process (so peak device memory is per configuration):
 
 1. tests on the accelerator: the timm parity tests, both matmul paths and remat
    (tests/test_swin.py, test_swin_import.py, test_layers.py), and with 8 or more devices the
-   sharded == unsharded tests (test_model.py, test_training.py). float32 parity needs true
+   sharded == unsharded tests (test_model.py, test_training_step.py). float32 parity needs true
    float32 matmuls, so they run with ``JAX_DEFAULT_MATMUL_PRECISION=highest`` (GPUs default
    to TF32, TPUs to one bf16 pass);
 2. the planner (``python -m mfer_jax.tools.plan``) for this host's devices and accelerator:
@@ -60,7 +60,7 @@ VARIANTS = {"float32": ("float32", "xla"), "bfloat16_xla": ("bfloat16", "xla"),
 TESTS = ["tests/test_swin.py", "tests/test_swin_import.py::test_swin_tiny_matches_timm",
          "tests/test_layers.py"]
 SHARDED_TESTS = ["tests/test_model.py::test_sharded_forward_equals_unsharded",
-                 "tests/test_training.py::test_sharded_step_matches_single_device"]
+                 "tests/test_training_step.py::test_sharded_step_matches_single_device"]
 DRY_RUN_TESTS = ["tests/test_model.py::test_preprocessing_matches_numpy"]  # cheap: no torch
 DRY_RUN_DEVICES = 2
 

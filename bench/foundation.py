@@ -1,5 +1,5 @@
 r"""Foundation-encoder speed: extraction with our ViT-B/16 and wav2vec 2.0 base against timm /
-transformers PyTorch inference, and training the fusion head on cached features.
+transformers PyTorch inference, and training the fusion (+ temporal) head on cached features.
 
   python -m bench.foundation                          # everything, 5 alternating rounds
   python -m bench.foundation --only=vit --rounds=3    # the ViT-B/16 comparison only
@@ -18,7 +18,10 @@ PyTorch fp32 worker of the same model. Both frameworks start from the same rando
         audio (10 s + 2 s of context on both sides), batch 1
   head  the demo-sized fusion head (configs/demo.py's MFM, dim 64) on cached 768-d image and
         audio features: the jitted train step on batch --head_batch, and the same step fed by
-        the real feature pipeline (memory-mapped cache, Grain iterator) end to end
+        the real feature pipeline (memory-mapped cache, Grain iterator) end to end; the
+        temporal_* workers add the --head_temporal head (configs/demo.py:temporal=<head>) on
+        clips of --head_clip frames, --head_batch frames per step, through the same clip
+        pipeline as pixels (read_clip over the cache)
 
 ``--threads`` pins every worker to that many cores and sets torch's thread count. Results:
 docs/performance.md.
@@ -45,6 +48,9 @@ _STEPS = flags.DEFINE_integer("steps", 2, "calls per worker per round")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU cores per worker")
 _BATCH = flags.DEFINE_integer("batch", 16, "ViT images per call")
 _HEAD_BATCH = flags.DEFINE_integer("head_batch", 512, "frames per head training step")
+_HEAD_CLIP = flags.DEFINE_integer("head_clip", 16, "clip length T of the temporal_* workers")
+_HEAD_TEMPORAL = flags.DEFINE_enum("head_temporal", "transformer", ["transformer", "tcn"],
+                                   "temporal head of the temporal_* workers")
 _SKIP = flags.DEFINE_list("skip", [], "workers to leave out, as bench:worker (e.g. "
                          "w2v:torch_bf16, whose autocast convolutions are very slow here)")
 _WORKER = flags.DEFINE_string("worker", "", "internal: run as this worker")
@@ -53,7 +59,7 @@ _WEIGHTS = flags.DEFINE_string("weights", "", "internal: reference weights file"
 WORKERS = {
     "vit": ("jax_f32", "jax_bf16", "torch_f32", "torch_bf16"),
     "w2v": ("jax_f32", "jax_bf16", "torch_f32", "torch_bf16"),
-    "head": ("step", "pipeline"),
+    "head": ("step", "pipeline", "temporal_step", "temporal_pipeline"),
 }
 W2V_SECONDS = 14.0
 
@@ -122,7 +128,8 @@ def _w2v_worker(framework: str, bf16: bool, weights: str):
 
 
 def _head_worker(kind: str, cache_dir: str):
-  """The demo-sized head on a synthetic 768-d feature cache: step alone, or fed end to end."""
+  """The demo-sized head on a synthetic 768-d feature cache: step alone, or fed end to end;
+  ``temporal_*``: with the temporal head, on clips."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
@@ -131,7 +138,7 @@ def _head_worker(kind: str, cache_dir: str):
   from mfer_jax.data import pipeline, store  # pylint: disable=g-import-not-at-top
   from mfer_jax.training import optimizer, state as state_lib  # pylint: disable=g-import-not-at-top
   from mfer_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  config = _head_config(cache_dir)
+  config = _head_config(cache_dir, temporal=kind.startswith("temporal_"))
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   spec = state_lib.ModelSpec(config.model, from_features=True)
   tx, schedule = optimizer.make_optimizer(config.train, 10_000)
@@ -139,7 +146,7 @@ def _head_worker(kind: str, cache_dir: str):
   index = store.load_split(config.data.data_dir, "train")
   it = pipeline.make_train_iterator(config.data, index)
   local = next(it)
-  batch = pipeline.to_global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh)
+  batch = pipeline.to_global_batch(step_lib.model_inputs(local), mesh)
   batch_sh = jax.tree.map(lambda x: x.sharding, batch)
   step = step_lib.make_train_step(spec, tx, schedule, config, mesh, state_sh, batch_sh,
                                   np.ones(8, np.float32))
@@ -152,19 +159,24 @@ def _head_worker(kind: str, cache_dir: str):
   def run_pipeline():
     b = next(it)
     holder[0], m = step(holder[0], pipeline.to_global_batch(
-        {k: b[k] for k in step_lib.BATCH_KEYS}, mesh))
+        step_lib.model_inputs(b), mesh))
     m["loss"].block_until_ready()
 
-  return run_step if kind == "step" else run_pipeline
+  return run_step if kind.endswith("step") else run_pipeline
 
 
-def _head_config(cache_dir: str):
+def _head_config(cache_dir: str, temporal: bool = False):
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
   import demo  # pylint: disable=g-import-not-at-top
-  c = demo.get_config()
+  c = demo.get_config(f"temporal={_HEAD_TEMPORAL.value},clip={_HEAD_CLIP.value}"
+                      if temporal else None)
   c.data.data_dir = os.path.join(cache_dir, "data")
   c.data.features_dir = os.path.join(cache_dir, "features")
-  c.data.batch_size = _HEAD_BATCH.value
+  # Batches count clips with a temporal head: the same frames per step either way.
+  length = c.data.sequence.length
+  if _HEAD_BATCH.value % length:
+    raise ValueError(f"--head_batch={_HEAD_BATCH.value} is not a multiple of --head_clip={length}")
+  c.data.batch_size = _HEAD_BATCH.value // length
   c.data.sampling.epoch_size = 0
   c.data.read_threads = 2
   c.model.image.update(family="vit", variant="vit_b16")
@@ -255,7 +267,8 @@ def _reference_weights(bench: str, d: str) -> str:
 def _start(bench: str, name: str, weights: str) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "bench.foundation", f"--worker={bench}:{name}",
          f"--weights={weights}", f"--threads={_THREADS.value}", f"--batch={_BATCH.value}",
-         f"--head_batch={_HEAD_BATCH.value}"]
+         f"--head_batch={_HEAD_BATCH.value}", f"--head_clip={_HEAD_CLIP.value}",
+         f"--head_temporal={_HEAD_TEMPORAL.value}"]
   return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                           bufsize=1)
 
@@ -295,8 +308,10 @@ def _run_bench(bench: str, d: str) -> list[str]:
       p.stdin.close()
       p.wait()
   what = {"vit": "img/s", "w2v": "audio s/s", "head": "frames/s"}[bench]
-  rows = [f"| {bench} worker | median s/call | {what} | vs torch fp32 |", "|---|---|---|---|"]
-  base = times.get("torch_f32")
+  # Ratios to PyTorch fp32 for the encoders; to the frame head's step for the heads.
+  base_name = "torch_f32" if bench != "head" else "step"
+  rows = [f"| {bench} worker | median s/call | {what} | vs {base_name} |", "|---|---|---|---|"]
+  base = times.get(base_name)
   for name in names:
     med = statistics.median(times[name])
     ratio = f"{statistics.median(base) / med:.2f}x" if base else "-"
@@ -317,7 +332,8 @@ def main() -> None:
     for bench in _ONLY.value:
       out += ["", f"**{bench}**", ""] + _run_bench(bench, d)
   print(f"\nbench.foundation: {_THREADS.value} threads per worker, {_ROUNDS.value} rounds x "
-        f"{_STEPS.value} calls, ViT batch {_BATCH.value}, head batch {_HEAD_BATCH.value}, "
+        f"{_STEPS.value} calls, ViT batch {_BATCH.value}, head batch {_HEAD_BATCH.value} "
+        f"frames (temporal: {_HEAD_TEMPORAL.value}, T={_HEAD_CLIP.value}), "
         f"jax {jax.__version__}, torch {torch.__version__}, {datetime.date.today()}")
   print("\n".join(out))
 

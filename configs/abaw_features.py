@@ -16,7 +16,12 @@ temporal) heads train on the cached features in minutes. From raw Aff-Wild2:
 
 The same config runs both commands: training refuses a cache made with other encoders,
 weights or feature parameters. Variants as in configs/abaw.py (fusion=..., sampling=...,
-seed=..., image=dinov2_b14_reg, audio=hubert_base, ...).
+seed=..., image=dinov2_b14_reg, audio=hubert_base, ...). A temporal head trains on the same
+cache (clips of 16 frames; ``clip=T`` for another length; the batch sizes count clips):
+
+  python main.py --config=configs/abaw_features.py:temporal=transformer --workdir=runs/feat_tr \
+      --config.data.data_dir=/data/affwild2_prepared \
+      --config.data.features_dir=/data/affwild2_features
 """
 
 from ml_collections import ConfigDict

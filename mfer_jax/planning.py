@@ -171,6 +171,8 @@ class StepPlan:
     remat: the remat policy compiled.
     precision: the resolved precision compiled.
     param_bytes, opt_bytes, batch_bytes: exact per-device bytes from the shardings.
+    ema_bytes: the EMA copy of the params (``train.ema_decay`` > 0), sharded like them; 0
+      without one.
     temp_bytes: XLA:CPU buffer assignment's temporaries per device.
     other_bytes: outputs that do not alias the donated state (metrics), per device.
     flops: FLOPs per step per device (XLA cost analysis).
@@ -191,12 +193,13 @@ class StepPlan:
   flops: float
   compile_seconds: float
   replication: sharding.ReplicationReport
+  ema_bytes: int = 0
 
   @property
   def total_bytes(self) -> int:
     """Peak bytes per device: state, batch, temporaries and non-aliased outputs."""
-    return (self.param_bytes + self.opt_bytes + self.batch_bytes + self.temp_bytes
-            + self.other_bytes)
+    return (self.param_bytes + self.opt_bytes + self.ema_bytes + self.batch_bytes
+            + self.temp_bytes + self.other_bytes)
 
 
 def plan_step(config: ConfigDict, mesh: Mesh, global_batch: int, *, remat: str | None = None,
@@ -222,7 +225,9 @@ def plan_step(config: ConfigDict, mesh: Mesh, global_batch: int, *, remat: str |
   spec = state_lib.ModelSpec(config.model, precision=precision,
                              from_features=bool(config.data.features_dir))
   tx, schedule = optimizer.make_optimizer(config.train, 1000)
-  state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules)
+  # The step compiled is training's own, so it carries the EMA when the config keeps one.
+  state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules,
+                                       ema=state_lib.uses_ema(config.train))
   state = state_lib.abstract_state(state_sh, spec, tx)
   batch = abstract_batch(config, global_batch, mesh)
   step = step_lib.make_train_step(spec, tx, schedule, config, mesh, state_sh,
@@ -241,7 +246,8 @@ def plan_step(config: ConfigDict, mesh: Mesh, global_batch: int, *, remat: str |
       batch_bytes=per_device_bytes(batch), temp_bytes=int(memory.temp_size_in_bytes),
       other_bytes=max(int(memory.output_size_in_bytes) - state_bytes, 0),
       flops=float(cost.get("flops", 0.0)), compile_seconds=seconds,
-      replication=sharding.replication_report(spec.abstract_params, state_sh.params, mesh))
+      replication=sharding.replication_report(spec.abstract_params, state_sh.params, mesh),
+      ema_bytes=0 if state.ema_params is None else per_device_bytes(state.ema_params))
 
 
 # ----------------------------------------------------------------------------- batch search

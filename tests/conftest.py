@@ -52,6 +52,12 @@ def tiny_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def data_dir(tiny_data_dir):
+  """`tiny_data_dir` under the name the training tests use (a module may define its own)."""
+  return tiny_data_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tiny_data_dir, tmp_path_factory):
   """One finished 12-step tiny training run (evals at steps 6 and 12), shared by the tools'
   tests (report, predict, performance metrics), so the suite trains it once. It also traces

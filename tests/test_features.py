@@ -6,8 +6,10 @@ wav2vec 2.0 with random weights saved as init files.
 """
 
 import fractions
+import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from flax import nnx
 
 import prep_raw
 from data_prep import build
-from mfer_jax import evaluation, planning, sharding
+from mfer_jax import errors, evaluation, planning, reporting, sharding
 from mfer_jax.data import reader as reader_lib
 from mfer_jax.data import store
 from mfer_jax.features import cache
@@ -311,3 +313,193 @@ def test_a_video_without_audio_gets_silent_features_and_a_warning(prepared, tmp_
                                   got["frame"])
   np.testing.assert_allclose(got["audio"], cache.to_storage(silence, "float16").astype(
       np.float32))
+
+
+# ----------------------------------------------------------------------------- temporal heads
+
+# Clips of T=4 frames, eval/predict windows 2 apart: every frame is in T / hop = 2 windows.
+CLIP, HOP = 4, 2
+
+
+def _temporal_config(data, inits, ref, head="transformer"):
+  config = _config(data, inits)
+  config.data.features_dir = str(ref)
+  config.data.sequence.update(length=CLIP, stride=1, hop=HOP)
+  config.data.sampling.epoch_size = 16          # 2 steps of 8 clips per epoch, 2 epochs
+  config.model.temporal.update(name=head, num_heads=4, num_layers=1, dilations=(1, 2))
+  config.train.checkpoint_every_steps = 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def temporal_run(prepared, tmp_path_factory):
+  """A finished 4-step transformer-head run on the cache (evaluated at steps 2 and 4)."""
+  from mfer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  _, data, inits, _, _, ref, _ = prepared
+  config = _temporal_config(data, inits, ref)
+  workdir = tmp_path_factory.mktemp("temporal_run")
+  return config, workdir, loop.train_and_evaluate(config, str(workdir))
+
+
+def test_feature_clips_stay_in_one_video_and_mask_padding(prepared, temporal_run):
+  """Train clips read through the feature reader (the pixel route's read_clip): each holds
+  the cached rows of one video at consecutive frames, padded slots are zero, unlabelled and
+  out of the loss's mask; the planner's batch has the same layout, two hosts read halves of
+  it, and the iterator state restores the same next batch."""
+  from mfer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  _, data, _, _, _, ref, _ = prepared
+  config, _, _ = temporal_run
+  index = store.load_split(data, "train")
+  it = pipeline.make_train_iterator(config.data, index)
+  batch = next(it)
+  rows = it.sampler.epoch_clips(0)[:config.data.batch_size]
+  present = rows >= 0
+  assert batch["face"].shape == (8, CLIP, 32) and batch["mel"].shape == (8, CLIP, 32)
+  assert (~present).any() and present.any(axis=1).all()      # padding is exercised
+  for k in range(rows.shape[0]):
+    real = rows[k][present[k]]
+    video = index.video_id[real]
+    assert np.unique(video).size == 1                        # never across a video
+    name = index.videos[video[0]]
+    cached = cache.read_video(ref, "train", name, "float16")
+    first = int(np.flatnonzero(index.video_id == video[0])[0])
+    np.testing.assert_array_equal(np.diff(index.frame[real]), np.diff(np.flatnonzero(
+        present[k])))                                        # consecutive frames, stride 1
+    np.testing.assert_array_equal(batch["face"][k][present[k]], cached["image"][real - first])
+    np.testing.assert_array_equal(batch["mel"][k][present[k]], cached["audio"][real - first])
+  np.testing.assert_array_equal(batch["present"], present)
+  assert not batch["face"][~present].any() and not batch["mel"][~present].any()
+  np.testing.assert_array_equal(batch["label"][~present], -1)
+  np.testing.assert_array_equal(batch["mask"], present & (batch["label"] >= 0))
+  # The planner lays out the same batch (shapes, dtypes) for compiling ahead of time.
+  plan = planning.abstract_batch(config, config.data.batch_size, sharding.make_mesh((-1, 1, 1)))
+  assert {k: (v.shape, v.dtype) for k, v in plan.items()} == {
+      k: (batch[k].shape, batch[k].dtype) for k in plan}
+  # Two hosts read disjoint halves of the same global batch.
+  halves = [next(pipeline.make_train_iterator(config.data, index, process_index=p,
+                                              process_count=2)) for p in range(2)]
+  for k in batch:
+    np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), batch[k], err_msg=k)
+  state = it.get_state()
+  expected = next(it)
+  restored = pipeline.make_train_iterator(config.data, index)
+  restored.set_state(state)
+  for k, v in next(restored).items():
+    np.testing.assert_array_equal(v, expected[k], err_msg=k)
+  it.close()
+  restored.close()
+
+
+def test_temporal_head_on_the_cache_scores_each_valid_frame_once_and_equals_the_pixel_path(
+    prepared, temporal_run):
+  """The run trained and evaluated on feature windows: every valid validation frame is in
+  T / hop windows and counted once (in training's evaluations, --mode=eval's and the
+  report's). Its head on cached feature windows gives the logits of
+  the same windows built from the encoders run on the video's pixels and waveform (what
+  predict does), within the cache's float16 rounding; and predict's labels are the window
+  averages of those logits."""
+  from mfer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mfer_jax.prediction import frames as frames_lib  # pylint: disable=g-import-not-at-top
+  from mfer_jax.prediction import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  from mfer_jax.prediction import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from mfer_jax.prediction import videos  # pylint: disable=g-import-not-at-top
+  from mfer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  raw, data, _, _, _, _, _ = prepared
+  config, workdir, result = temporal_run
+  index = store.load_split(data, "validation")
+  valid = index.label >= 0
+  assert result["num_examples"] == valid.sum() == np.sum(result["confusion"])
+  assert [e["num_examples"] for e in evaluation.read_evals(workdir)] == [valid.sum()] * 2
+  batches = list(pipeline.make_eval_pipeline(config.data, index))
+  rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  scored = rows["index"][rows["mask"]]
+  np.testing.assert_array_equal(np.bincount(scored, minlength=len(index)),
+                                np.where(valid, CLIP // HOP, 0))
+  # --mode=eval reads the same cache and equals the run's own evaluation of that step.
+  evaluated = loop.evaluate_workdir(config, str(workdir), which="latest")
+  assert {k: v for k, v in evaluated.items() if k != "path"} == evaluation.read_evals(
+      workdir)[-1]
+  best = max(evaluation.read_evals(workdir), key=lambda e: e["macro_f1"])
+  report = reporting.write_report(workdir).read_text()
+  assert f"| {best['macro_f1']:.4f} | {best['accuracy']:.4f} | {valid.sum()} |" in report
+
+  predictor = predictor_lib.Predictor(workdir, which="latest", batch_size=16 * CLIP)
+  entry = store.load_metadata(data)["videos"]["val"]
+  video = raw / entry["media"]
+  params = videos.feature_params(workdir)
+  inputs, = frames_lib.read_video(video, params, predictor.face_size,
+                                  raw / "cropped_aligned" / "val", 1)
+  image, audio = predictor.encode(inputs.face, inputs.mel, inputs.has_face, video, inputs.fps)
+  np.testing.assert_array_equal(inputs.has_face[index.frame - 1], index.has_face)
+
+  def head(face, mel, has_face, present):
+    """The run's logits for windows, 16 per call (the predictor's jitted clip forward)."""
+    out = []
+    for start in range(0, face.shape[0], 16):
+      chunk = [a[start:start + 16] for a in (face, mel, has_face, present)]
+      pad = 16 - chunk[0].shape[0]
+      chunk = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in chunk]
+      got, _ = predictor._forward_clips(predictor._params, *chunk)  # pylint: disable=protected-access
+      out.append(np.asarray(got)[:16 - pad])
+    return np.concatenate(out)
+
+  # The eval windows, from the cache and from the encoders' features of the same frames.
+  present = rows["present"]
+  frame_row = index.frame[np.maximum(rows["index"], 0)] - 1
+  at = lambda a, shift=0: np.where(  # noqa: E731
+      present[..., None], a[np.clip(frame_row + shift, 0, len(a) - 1)], 0)
+  cached = head(rows["face"], rows["mel"], rows["has_face"], present)[present]
+  pixels = head(at(image), at(audio), rows["has_face"], present)[present]
+  scale = np.abs(pixels).max()
+  # Float32 throughout. The pixel path's features rounded to the cache's float16 give the
+  # cached path's logits (measured: identical); unrounded, float16's 2^-11 relative rounding
+  # moved no logit by more than 2.1e-4 of the largest (measured), against 0.69 for the same
+  # windows one frame later, so both comparisons can fail.
+  stored = lambda a: cache.to_storage(a, "float16").astype(np.float32)  # noqa: E731
+  rounded = head(at(stored(image)), at(stored(audio)), rows["has_face"], present)[present]
+  np.testing.assert_allclose(cached, rounded, rtol=0, atol=2e-5 * scale)
+  np.testing.assert_allclose(cached, pixels, rtol=0, atol=1e-3 * scale)
+  shifted = head(at(image, 1), at(audio, 1), rows["has_face"], present)[present]
+  assert np.abs(shifted - pixels).max() > 100 * 1e-3 * scale
+
+  # Predict: the encoders, then the head over windows of the whole video, T=4 hop 2 written
+  # out by hand; each frame's label is from its mean logits over its two windows.
+  out, = videos.predict_video(predictor, params, video, workdir / "val.txt",
+                              crops=raw / "cropped_aligned" / "val")
+  n = inputs.face.shape[0]
+  assert out.num_frames == entry["num_frames"] == n
+  windows = np.asarray([[-1, -1, 0, 1]] + [[s, s + 1, s + 2, s + 3] for s in range(0, n, HOP)])
+  windows[windows >= n] = -1
+  q = windows >= 0
+  take = np.maximum(windows, 0)
+  got = head(np.where(q[..., None], image[take], 0), np.where(q[..., None], audio[take], 0),
+             inputs.has_face[take] & q, q)
+  sums = np.zeros((n, 8))
+  np.add.at(sums, windows[q], got[q])
+  np.testing.assert_array_equal(np.bincount(windows[q]), CLIP // HOP)
+  mean = sums / (CLIP // HOP)
+  probs = np.exp(mean - mean.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = labels_lib.fill_no_face(probs, inputs.has_face, "audio").argmax(-1)
+  lines = (workdir / "val.txt").read_text().splitlines()[1:]
+  assert [int(v) for v in lines] == want.tolist()
+
+
+def test_a_temporal_run_on_a_cache_without_its_eval_split_is_a_one_line_error(prepared,
+                                                                             tmp_path):
+  """A cache extracted for train only, and a temporal run that evaluates on validation:
+  refused before anything is built, in one line naming the split and the fix."""
+  from mfer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  _, data, inits, _, _, ref, _ = prepared
+  partial = tmp_path / "train_only"
+  shutil.copytree(ref, partial)
+  meta = json.loads((partial / cache.METADATA).read_text())
+  del meta["splits"]["validation"]
+  (partial / cache.METADATA).write_text(json.dumps(meta))
+  shutil.rmtree(partial / "validation")
+  config = _temporal_config(data, inits, partial)
+  with pytest.raises(cache.FeatureCacheError) as e:
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert isinstance(e.value, errors.UserError) and "\n" not in str(e.value)
+  assert "split 'validation'" in str(e.value) and "--splits=train,validation" in str(e.value)
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -150,3 +150,17 @@ def test_cli_bad_input_is_one_line_and_exit_2():
   assert out.stderr.strip().splitlines() == [
       "error: --batch_size=12 does not split over the 8 data-parallel devices of mesh "
       "{'data': 1, 'fsdp': 8, 'model': 1}; use a multiple of 8"]
+
+
+def test_the_ema_copy_of_the_params_is_planned_like_the_params():
+  """train.ema_decay > 0: the compiled step is training's (it carries the EMA), and the plan
+  counts that copy at exactly the params' per-device bytes. Planned on a feature-cache config
+  (fusion and head only), so the two compiles are cheap."""
+  config = tiny_config("")
+  config.data.features_dir = "/nonexistent/features"   # shapes only: nothing is read
+  mesh = planning.make_plan_mesh((2, 4, 1), jax.devices())
+  plain = planning.plan_step(config, mesh, 8)
+  config.train.ema_decay = 0.99
+  with_ema = planning.plan_step(config, mesh, 8)
+  assert plain.ema_bytes == 0 and with_ema.ema_bytes == with_ema.param_bytes > 0
+  assert with_ema.param_bytes == plain.param_bytes and with_ema.opt_bytes == plain.opt_bytes

@@ -31,8 +31,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     features_dir: '' reads faces and log-mel windows from the records; a feature cache made by
       ``python -m mfer_jax.tools.extract`` makes the pipeline emit the cached per-frame encoder
       features instead (``face`` and ``mel`` then hold float [C] vectors of the image and
-      audio encoders; no augmentation), and the model runs only the fusion and the head
-      (docs/foundation.md). data_dir still gives the split indexes (labels, frames, videos).
+      audio encoders, [T, C] per clip; no augmentation), and the model runs only the fusion,
+      the temporal head and the classifier (docs/foundation.md). data_dir still gives the
+      split indexes (labels, frames, videos).
     face_size: side of the face crop the pipeline emits (uint8). Crops of another size are
       resized on decode; resizing to the model's input size happens on device.
     seed: seed of the data order and the augmentations (independent of the model's seed).

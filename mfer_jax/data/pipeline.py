@@ -22,13 +22,14 @@ record index in the split) for per-frame predictions. Conversion to float, resiz
 normalisation happen on device.
 
 **Clips** (``data.sequence.length`` T > 1, see `mfer_jax.data.clips`): every field gains a
-time axis after the batch axis (``face`` [B, T, S, S, 3], ``label`` [B, T], ...) and a bool
-``present`` [B, T] says which slots hold a record; a padded slot has zero face and mel, no
-face, label -1 and ``mask`` False. ``mask`` marks the frames the loss or the metric counts.
-The face augmentation is drawn once per clip (every frame gets the same crop, flip and
-colours, so the clip does not flicker); SpecAugment masks are drawn per frame. Eval batches
-are windows (`clips.windows`) with ``index`` [B, T]; a frame covered by several windows is
-scored once, from its averaged logits (`mfer_jax.training.step.make_window_eval_step`).
+time axis after the batch axis (``face`` [B, T, S, S, 3], or [B, T, C] cached features;
+``label`` [B, T], ...) and a bool ``present`` [B, T] says which slots hold a record; a padded
+slot has zero face and mel, no face, label -1 and ``mask`` False. ``mask`` marks the frames
+the loss or the metric counts. The face augmentation is drawn once per clip (every frame gets
+the same crop, flip and colours, so the clip does not flicker); SpecAugment masks are drawn
+per frame. Eval batches are windows (`clips.windows`) with ``index`` [B, T]; a frame covered
+by several windows is scored once, from its averaged logits
+(`mfer_jax.training.step.make_window_eval_step`).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def read_clip(reader: sources.RecordReader, rows: np.ndarray, scored: np.ndarray
     key: (seed, epoch, position) of the clip, seeding its augmentation.
 
   Returns:
-    face [T, S, S, 3], mel [T, n_mels, W], has_face, present, label, mask and index, per slot.
+    face [T, S, S, 3], mel [T, n_mels, W] (or [T, C] each from a `cache.FeatureReader`),
+    has_face, present, label, mask and index, per slot.
   """
   real = [int(r) for r in rows if r >= 0]
   cache = {real[0]: reader[real[0]]}   # the first record also gives the padding's shapes
@@ -89,7 +91,9 @@ def read_clip(reader: sources.RecordReader, rows: np.ndarray, scored: np.ndarray
       continue
     ex = cache[int(r)] if int(r) in cache else reader[int(r)]
     face, mel = ex["face"], ex["mel"]
-    if augmenter is not None:
+    # A disabled recipe (cached features) skips seeding generators, which costs more than
+    # reading a feature row.
+    if augmenter is not None and augmenter.enabled:
       # One face draw per clip (same generator state for every frame), one mel draw per frame.
       face = augmenter.face(face, bool(ex["has_face"]), _rng(*key))
       mel = augmenter.mel(mel, _rng(*key, j + 1))
@@ -131,8 +135,10 @@ class _TrainBatch:
     draws = self._sampler.epoch_indices(epoch)
     for pos in range(first, first + self._local_batch):
       ex = self._reader[draws[pos]]
-      face, mel = self._augmenter(ex["face"], bool(ex["has_face"]), ex["mel"],
-                                  _rng(self._seed, epoch, pos))
+      face, mel = ex["face"], ex["mel"]
+      if self._augmenter.enabled:   # off for cached features: no generator to seed
+        face, mel = self._augmenter(face, bool(ex["has_face"]), mel,
+                                    _rng(self._seed, epoch, pos))
       examples.append({"face": face, "mel": mel, "has_face": ex["has_face"],
                        "label": ex["label"], "mask": np.bool_(True)})
     return _stack(examples)

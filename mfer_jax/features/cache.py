@@ -149,17 +149,30 @@ def load_metadata(root) -> dict[str, Any]:
   return meta
 
 
-def check_config(config: ConfigDict) -> dict[str, Any]:
-  """Refuses a cache made with other encoders, weights or feature parameters than ``config``.
+def check_config(config: ConfigDict, splits: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Refuses a cache made with other encoders, weights or feature parameters than ``config``,
+  or one that lacks a split the run reads.
+
+  Args:
+    config: the run's config (``data.features_dir`` names the cache).
+    splits: the splits the run reads (train and its evaluators'), each of which the cache
+      must hold.
 
   Returns:
     The cache's metadata.
 
   Raises:
-    FeatureCacheError: naming both hashes (and the differing keys of the spec).
+    FeatureCacheError: naming both hashes (and the differing keys of the spec), or the
+      missing split and the splits the cache holds.
   """
   root = config.data.features_dir
   meta = load_metadata(root)
+  missing = [s for s in dict.fromkeys(splits) if s not in meta["splits"]]
+  if missing:
+    raise FeatureCacheError(
+        f"{root} has no features of split {missing[0]!r} (it holds "
+        f"{', '.join(sorted(meta['splits'])) or 'none'}), which this run reads; re-run `python "
+        f"-m mfer_jax.tools.extract` with --splits={','.join(dict.fromkeys(splits))}")
   want = spec(config, sources.load_metadata(config.data)["features"])
   if meta["spec_hash"] != spec_hash(want):
     keys = ", ".join(_diff(meta["spec"], want)[:6])
@@ -201,9 +214,11 @@ class FeatureReader:
   """Record ``i`` of a split as the pipeline's example, from the cached features.
 
   Returns the same keys as `mfer_jax.data.reader.SplitReader`, with ``face`` and ``mel``
-  holding the float32 image and audio features [C]. Construction checks that the cache holds
-  every video of the split index with exactly its records (frame numbers); arrays are opened
-  memory-mapped on first use in each process (Grain workers included).
+  holding the float32 image and audio features [C]: a `sources.RecordReader` in the split's
+  record order, so the pipeline's frames, clips and windows (`pipeline.read_clip`) read it as
+  they read the records. Construction checks that the cache holds every video of the split
+  index with exactly its records (frame numbers); arrays are opened memory-mapped on first
+  use in each process (Grain workers included).
   """
 
   def __init__(self, index: sources.SplitSource, root: str | os.PathLike):

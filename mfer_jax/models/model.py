@@ -8,7 +8,8 @@ The encoders are chosen by ``config.model.image.family`` / ``.audio.family``
 (`mfer_jax.models.encoders`: Swin or a ViT on faces and on the log-mel image). Built with
 ``from_features=True`` (training on a feature cache, ``data.features_dir``), the model has no
 encoders: its ``face`` and ``mel`` inputs are the cached pooled features [B, C] of the
-configured encoders, and it runs the fusion and the head only.
+configured encoders (clips: [B, T, C]), and it runs the fusion, the temporal head and the
+classifier only.
 """
 
 from __future__ import annotations
@@ -156,10 +157,10 @@ class ExpressionModel(nnx.Module):
 
     Args:
       face: uint8 [B, h, w, 3] face crops (zeros where there is no face), or [B, T, h, w, 3];
-        with ``from_features``, the image encoder's cached features [B, C].
+        with ``from_features``, the image encoder's cached features [B, C] (or [B, T, C]).
       mel: uint8 [B, n_mels, W] log-mel windows, or [B, T, n_mels, W]; with
-        ``from_features``, the audio encoder's cached features [B, C].
-      has_face: bool [B] (or [B, T]).
+        ``from_features``, the audio encoder's cached features [B, C] (or [B, T, C]).
+      has_face: bool [B] for frames, [B, T] for clips (its rank says which).
       present: clips only: bool [B, T], False for padded slots (no record); the temporal head
         ignores them. Default: every slot present.
       rngs: dropout / drop-path / modality-dropout RNGs when training; None for inference.
@@ -169,8 +170,9 @@ class ExpressionModel(nnx.Module):
       [B, T, 2]) (visual, audio) weights}.
     """
     clip_shape = None
-    if face.ndim == 5:
-      clip_shape = face.shape[:2]
+    # has_face tells frames ([B]) from clips ([B, T]) for pixels and cached features alike.
+    if has_face.ndim == 2:
+      clip_shape = has_face.shape
       face = face.reshape(-1, *face.shape[2:])
       mel = mel.reshape(-1, *mel.shape[2:])
       has_face = has_face.reshape(-1)

@@ -79,6 +79,8 @@ def report(plan: planning.StepPlan, rows: list[planning.Fit], models, config_nam
       "per device",
       f"  params           {_size(p.param_bytes):>11}  exact, from the shardings",
       f"  optimizer state  {_size(p.opt_bytes):>11}  exact",
+      *([f"  EMA of params    {_size(p.ema_bytes):>11}  exact (train.ema_decay)"]
+        if p.ema_bytes else []),
       f"  batch            {_size(p.batch_bytes):>11}  exact",
       f"  temporaries      {_size(p.temp_bytes):>11}  XLA:CPU buffer assignment (an estimate "
       "for GPU/TPU)",
@@ -114,6 +116,7 @@ def _plan_json(plan: planning.StepPlan, rows: list[planning.Fit], models) -> dic
       "per_device_batch": plan.per_device_batch, "remat": plan.remat,
       "precision": dataclasses.asdict(plan.precision),
       "per_device_bytes": {"params": plan.param_bytes, "optimizer": plan.opt_bytes,
+                           "ema_params": plan.ema_bytes,
                            "batch": plan.batch_bytes, "temporaries_xla_cpu": plan.temp_bytes,
                            "other_outputs": plan.other_bytes, "total": plan.total_bytes},
       "flops_per_device": plan.flops,

@@ -92,9 +92,10 @@ def write_run_files(config: ConfigDict, workdir: pathlib.Path,
 
 def _check_feature_cache(config: ConfigDict, workdir: pathlib.Path) -> None:
   """Refuses a cache made with other encoders, weights or parameters than the config names,
-  and keeps what made it beside the run (prediction checks the encoders against it)."""
+  or lacking a split the run reads, and keeps what made it beside the run (prediction checks the encoders against it)."""
   from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
-  meta = cache.check_config(config)
+  splits = ("train", *(e.split for e in evaluator_lib.specs_from_config(config).values()))
+  meta = cache.check_config(config, splits)
   if jax.process_index() == 0:
     files.atomic_write_json(workdir / "feature_cache.json",
                             {k: meta[k] for k in ("spec", "spec_hash", "weights", "dims")})
@@ -383,7 +384,8 @@ def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> d
   features_dir = bool(config.data.features_dir)
   if features_dir:   # the head reads cached features: they must be the run's
     from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
-    cache.check_config(config)
+    cache.check_config(config, (evaluator_lib.specs_from_config(config)[
+        config.train.primary_eval].split,))
   spec = state_lib.ModelSpec(config.model, from_features=features_dir)
   tx, _ = optimizer.make_optimizer(config.train, 1)   # the state's structure, for restoring
   state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules,
