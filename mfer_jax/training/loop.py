@@ -92,7 +92,8 @@ def write_run_files(config: ConfigDict, workdir: pathlib.Path,
 
 def _check_feature_cache(config: ConfigDict, workdir: pathlib.Path) -> None:
   """Refuses a cache made with other encoders, weights or parameters than the config names,
-  or lacking a split the run reads, and keeps what made it beside the run (prediction checks the encoders against it)."""
+  or lacking a split the run reads, and keeps what made it beside the run (prediction checks
+  the encoders against it)."""
   from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
   splits = ("train", *(e.split for e in evaluator_lib.specs_from_config(config).values()))
   meta = cache.check_config(config, splits)
@@ -381,16 +382,15 @@ def evaluate_workdir(config: ConfigDict, workdir: str, which: str = "best") -> d
         "--mode=train")
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  name = config.train.primary_eval
   features_dir = bool(config.data.features_dir)
   if features_dir:   # the head reads cached features: they must be the run's
     from mfer_jax.features import cache  # pylint: disable=g-import-not-at-top
-    cache.check_config(config, (evaluator_lib.specs_from_config(config)[
-        config.train.primary_eval].split,))
+    cache.check_config(config, (evaluator_lib.specs_from_config(config)[name].split,))
   spec = state_lib.ModelSpec(config.model, from_features=features_dir)
   tx, _ = optimizer.make_optimizer(config.train, 1)   # the state's structure, for restoring
   state_sh = state_lib.state_shardings(spec, tx, mesh, config.mesh.rules,
                                       ema=state_lib.uses_ema(config.train))
-  name = config.train.primary_eval
   evaluator = evaluator_lib.build_evaluators(config, mesh, spec, state_sh.params, only=name)[name]
   checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
   try:
