@@ -1,7 +1,6 @@
 """The train step: loss, sharding parity, gradient accumulation, the NaN guard, bf16 moments,
 the transfer guard, EMA, and the documented loss and optimizer options against references."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

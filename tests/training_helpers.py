@@ -23,7 +23,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.py"
 
 
-
 def deterministic_config(data_dir):
   """The tiny config without dropout, drop path or modality dropout: exact comparisons."""
   config = tiny_config(data_dir)
@@ -35,11 +34,13 @@ def deterministic_config(data_dir):
 
 
 def pieces(config, mesh):
+  """(spec, state, state shardings, the compiled train step, the first local batch) of
+  ``config`` on ``mesh``, built as training builds them."""
   spec = state_lib.ModelSpec(config.model)
   tx, schedule = optimizer.make_optimizer(config.train, 100)
   state, state_sh = state_lib.create_train_state(config, spec, tx, mesh)
   it = pipeline.make_train_iterator(config.data, store.load_split(config.data.data_dir, "train"))
-  local = {k: v for k, v in next(it).items() if k in step_lib.BATCH_KEYS}
+  local = step_lib.model_inputs(next(it))
   it.close()
   batch = pipeline.to_global_batch(local, mesh)
   step = step_lib.make_train_step(spec, tx, schedule, config, mesh, state_sh,
