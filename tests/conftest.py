@@ -25,12 +25,41 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import fcntl  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TESTS = pathlib.Path(__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def _built_once(tmp_path_factory, name):
+  """Yields (directory, whether it still has to be built) for a session-wide directory.
+
+  Under pytest-xdist every worker has its own session, so a session fixture would be built
+  once per worker; the directory is instead built by the first worker that asks, under a
+  lock, in the run's temporary root that all workers share, and read by the others. Tests
+  must treat it as read-only (copy it to change it). Without xdist it is an ordinary
+  temporary directory.
+  """
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    yield tmp_path_factory.mktemp(name), True
+    return
+  root = tmp_path_factory.getbasetemp().parent   # this run's, shared by its workers
+  path, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+    if done.exists():
+      yield path, False
+      return
+    shutil.rmtree(path, ignore_errors=True)   # a previous worker's failed attempt
+    path.mkdir()
+    yield path, True
+    done.touch()
 
 
 def tiny_config(data_dir):
@@ -42,12 +71,13 @@ def tiny_config(data_dir):
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
-  """The small fake prepared dataset most training-side tests read (one per session)."""
+  """The small fake prepared dataset most training-side tests read (one per run, read-only)."""
   from mfer_jax.testing import fake_data  # pylint: disable=g-import-not-at-top
-  d = tmp_path_factory.mktemp("tiny_data")
-  fake_data.make_fake_dataset(d, splits={"train": 4, "validation": 2}, frames_per_video=60,
-                              mel_shape=(16, 32), face_size=32, invalid_fraction=0.1,
-                              no_face_fraction=0.1, seed=0)
+  with _built_once(tmp_path_factory, "tiny_data") as (d, build):
+    if build:
+      fake_data.make_fake_dataset(d, splits={"train": 4, "validation": 2},
+                                  frames_per_video=60, mel_shape=(16, 32), face_size=32,
+                                  invalid_fraction=0.1, no_face_fraction=0.1, seed=0)
   return d
 
 
@@ -61,10 +91,12 @@ def data_dir(tiny_data_dir):
 def tiny_run(tiny_data_dir, tmp_path_factory):
   """One finished 12-step tiny training run (evals at steps 6 and 12), shared by the tools'
   tests (report, predict, performance metrics), so the suite trains it once. It also traces
-  steps 3 and 4 with the profiler (train.profile_steps)."""
+  steps 3 and 4 with the profiler (train.profile_steps). Read-only: tests copy it to change
+  it, since under xdist both workers read this one run."""
   from mfer_jax.training import loop  # pylint: disable=g-import-not-at-top
-  run = tmp_path_factory.mktemp("tiny_run")
-  config = tiny_config(tiny_data_dir)
-  config.train.profile_steps = "3:5"
-  loop.train_and_evaluate(config, str(run))
+  with _built_once(tmp_path_factory, "tiny_run") as (run, build):
+    if build:
+      config = tiny_config(tiny_data_dir)
+      config.train.profile_steps = "3:5"
+      loop.train_and_evaluate(config, str(run))
   return run

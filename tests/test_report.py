@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -15,9 +16,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_run):
-  """The finished tiny run of conftest (12 steps, evals at 6 and 12)."""
-  return tiny_run
+def run_dir(tiny_run, tmp_path_factory):
+  """A copy of conftest's finished tiny run (12 steps, evals at 6 and 12): the report is
+  written into the run, and tiny_run is read-only (the other xdist worker may be copying it)."""
+  return pathlib.Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("report") / "run"))
 
 
 def _check_png(path: pathlib.Path) -> None:

@@ -189,8 +189,9 @@ def test_eval_mode_needs_only_the_eval_split_and_writes_beside_its_checkpoint(
   assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p != written} == kept
 
 
-def test_rerunning_a_finished_run_reports_its_final_eval(data_dir, tiny_run):
-  before = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
-  result = loop.train_and_evaluate(tiny_config(data_dir), str(tiny_run))
-  assert result == evaluation.read_evals(tiny_run)[-1] and result["step"] == 12
-  assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
+def test_rerunning_a_finished_run_reports_its_final_eval(data_dir, tiny_run, tmp_path):
+  run = shutil.copytree(tiny_run, tmp_path / "run")   # tiny_run is read-only (conftest)
+  before = sorted(p.name for p in (run / "checkpoints").iterdir())
+  result = loop.train_and_evaluate(tiny_config(data_dir), str(run))
+  assert result == evaluation.read_evals(run)[-1] and result["step"] == 12
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
