@@ -33,7 +33,21 @@ import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import schedule  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def pytest_configure(config):
+  # Under xdist, hand out files in the collected order (below), not xdist's default of the
+  # files with the most tests first.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  """Longest files first (tests/schedule.py), each file's tests in their written order."""
+  items.sort(key=lambda item: -schedule.file_seconds(item.path.name))
 
 
 @contextlib.contextmanager
