@@ -370,3 +370,18 @@ def test_mouth_opens_with_the_syllables_of_the_voice():
     if s.audio_code < 0:
       assert not mouth[s.start:s.end].any()
   assert 0.2 < np.mean(mouth > 0.1) < 0.8
+
+
+def test_a_folder_made_with_other_settings_is_refused_not_mixed(tmp_path):
+  """A 3-video set asked again as 4 videos (or another seed) would keep the old plan's
+  videos next to the new ones; the generator names the settings that differ instead."""
+  out = tmp_path / "synth"
+  synth.generate(out, num_videos=3, seed=5, workers=1, seconds=SECONDS)
+  before = sorted(p.relative_to(out) for p in out.rglob("*"))
+  for kwargs, named in (({"num_videos": 4, "seed": 5}, "num_videos 3 (asked: 4)"),
+                        ({"num_videos": 3, "seed": 6}, "seed 5 (asked: 6)")):
+    with pytest.raises(synth.SynthDirError, match=re.escape(named)):
+      synth.generate(out, workers=1, seconds=SECONDS, **kwargs)
+  assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing touched
+  again = synth.generate(out, num_videos=3, seed=5, workers=1, seconds=SECONDS)
+  assert again["generated"] == [] and len(again["skipped"]) == 3
