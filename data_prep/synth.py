@@ -405,6 +405,39 @@ def _labels(person: PersonPlan, num_frames: int) -> np.ndarray:
   return labels
 
 
+def code_oracle(plans: list[VideoPlan], split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Labels and the answers of a reader of each segment's drawn codes, over a split's frames.
+
+  The ceiling a model can approach on this set: the class whose (face code, voice code) pair
+  the segment shows, and where the pair is no class (a noise code) or the person is silent,
+  the commonest class (by ``CLASS_FREQ``) that agrees with either code. It sees every
+  labelled frame as its segment's codes at full intensity, so it ignores what a model cannot:
+  onset ramps, absent faces, degraded frames and summed voices of two-person videos.
+
+  Returns:
+    (labels, answers), int64 [labelled frames of the split's annotated persons].
+  """
+  def answer(face_code: int, audio_code: int) -> int:
+    pair = [c for c in range(8) if (FACE_CODE[c], AUDIO_CODE[c]) == (face_code, audio_code)]
+    if pair:
+      return pair[0]
+    agree = [c for c in range(8) if FACE_CODE[c] == face_code or AUDIO_CODE[c] == audio_code]
+    return max(agree, key=lambda c: CLASS_FREQ[c])
+
+  labels, answers = [], []
+  for plan in plans:
+    if plan.split != split:
+      continue
+    for person in plan.persons:
+      for seg in person.segments if person.annotated else ():
+        if seg.label >= 0:
+          labels.append(np.full(seg.end - seg.start, seg.label))
+          answers.append(np.full(seg.end - seg.start, answer(seg.face_code, seg.audio_code)))
+  if not labels:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  return np.concatenate(labels).astype(np.int64), np.concatenate(answers).astype(np.int64)
+
+
 def _annotation_text(labels: np.ndarray, delta: int) -> str:
   if delta > 0:  # the annotation runs past the video: repeat the last label
     labels = np.concatenate([labels, np.full(delta, labels[-1])])
