@@ -17,6 +17,9 @@ records the model sees (no augmentation):
   expected per-class F1 is 2 p_c q_c / (p_c + q_c) (p: guess rate, q: the split's own class
   frequency), computed exactly rather than by simulation.
 - **majority**: always answering the train split's commonest class.
+- **code oracle** (synthetic sets only): a reader of each segment's drawn face and voice codes
+  (`data_prep.synth.code_oracle`): roughly the ceiling of the set, given its noise segments
+  (a random face or voice code, silence), which no model can read past.
 
 Everything is deterministic (lbfgs, no sampling), so the numbers reproduce exactly. The
 configuration's synthetic set is made first if it is missing, as `main.py` would.
@@ -36,6 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from data_prep import api as data_prep_api
+from data_prep import synth
 from mfer_jax import cli, constants
 from mfer_jax.data import reader as reader_lib
 from mfer_jax.data import store
@@ -115,6 +119,11 @@ def main() -> None:
        macro_f1(y_train, np.full_like(y_train, majority)),
        macro_f1(y_eval, np.full_like(y_eval, majority))),
   ]
+  syn = config.get("synthetic")
+  if syn and syn.enabled:
+    plans = synth.plan_dataset(syn.num_videos, syn.seed, tuple(syn.seconds))
+    rows.append(("code oracle (synthetic set)",
+                 *(macro_f1(*synth.code_oracle(plans, s)) for s in ("train", eval_split))))
   print(f"{data_dir}: train {len(y_train)} frames, {eval_split} {len(y_eval)} frames; "
         f"features {x_train.shape[1]} ({_FACE.value}x{_FACE.value} grey face, "
         f"{x_train.shape[1] - _FACE.value ** 2 - 1} mel band means, has_face); "

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
 from typing import Callable
@@ -26,6 +28,8 @@ def ensure_demo_dataset(raw_dir: str | os.PathLike, data_dir: str | os.PathLike,
   2. If any raw video was (re)generated, or ``data_dir`` has no readable metadata.json, the
      builder runs (it too skips videos finished by an earlier run).
 
+  Calls on the same ``raw_dir`` (from several processes) run one at a time.
+
   Args:
     raw_dir: synthetic raw Aff-Wild2 layout (created if missing).
     data_dir: prepared dataset directory.
@@ -39,6 +43,7 @@ def ensure_demo_dataset(raw_dir: str | os.PathLike, data_dir: str | os.PathLike,
 
   Raises:
     build.BuildError: if the build finds nothing usable (it should not, on the synthetic set).
+    synth.SynthDirError: if ``raw_dir`` holds a set made with other settings.
   """
   say = log or (lambda _: None)
   # Imported here: the generator pulls in its drawing and face-detection code, which readers
@@ -46,6 +51,28 @@ def ensure_demo_dataset(raw_dir: str | os.PathLike, data_dir: str | os.PathLike,
   from data_prep import synth  # pylint: disable=g-import-not-at-top
 
   raw_dir, data_dir = pathlib.Path(raw_dir), pathlib.Path(data_dir)
+  with _exclusive(raw_dir / synth.MARKER_DIR / "lock"):
+    return _ensure(raw_dir, data_dir, num_videos, seed, workers, seconds, say)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path):
+  """Holds an exclusive lock for the block: two runs started at once on the same synthetic
+  set (two trainings of an ablation, say) then make it once, one after the other, instead of
+  both writing the same files. The lock goes with the process, so a killed run frees it."""
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(lock_path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _ensure(raw_dir, data_dir, num_videos, seed, workers, seconds, say) -> pathlib.Path:
+  """`ensure_demo_dataset`'s work, under its lock."""
+  from data_prep import synth  # pylint: disable=g-import-not-at-top
+
   say(f"Synthetic Aff-Wild2 set in {raw_dir} ({num_videos} videos, seed {seed})...")
   extra = {} if seconds is None else {"seconds": tuple(seconds)}
   made = synth.generate(raw_dir, num_videos=num_videos, seed=seed, workers=workers, **extra)

@@ -125,6 +125,7 @@ ANNOTATION_DIR = pathlib.Path("annotations", "EXPR_Recognition_Challenge")
 SPLIT_DIRS = {"train": "Train_Set", "validation": "Validation_Set"}
 TEST_LIST = pathlib.Path("test_set", "EXPR_Recognition_Challenge_test_set_release.txt")
 MARKER_DIR = ".synth"
+DATASET_MARKER = "dataset.json"  # in MARKER_DIR: the settings the whole set was made with
 CROP_SIZE = constants.FACE_SIZE
 FRAME_HEIGHT = 192
 FRAME_WIDTH = {1: 256, 2: 384}  # by number of persons: two faces need a wider frame
@@ -404,6 +405,39 @@ def _labels(person: PersonPlan, num_frames: int) -> np.ndarray:
   return labels
 
 
+def code_oracle(plans: list[VideoPlan], split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Labels and the answers of a reader of each segment's drawn codes, over a split's frames.
+
+  The ceiling a model can approach on this set: the class whose (face code, voice code) pair
+  the segment shows, and where the pair is no class (a noise code) or the person is silent,
+  the commonest class (by ``CLASS_FREQ``) that agrees with either code. It sees every
+  labelled frame as its segment's codes at full intensity, so it ignores what a model cannot:
+  onset ramps, absent faces, degraded frames and summed voices of two-person videos.
+
+  Returns:
+    (labels, answers), int64 [labelled frames of the split's annotated persons].
+  """
+  def answer(face_code: int, audio_code: int) -> int:
+    pair = [c for c in range(8) if (FACE_CODE[c], AUDIO_CODE[c]) == (face_code, audio_code)]
+    if pair:
+      return pair[0]
+    agree = [c for c in range(8) if FACE_CODE[c] == face_code or AUDIO_CODE[c] == audio_code]
+    return max(agree, key=lambda c: CLASS_FREQ[c])
+
+  labels, answers = [], []
+  for plan in plans:
+    if plan.split != split:
+      continue
+    for person in plan.persons:
+      for seg in person.segments if person.annotated else ():
+        if seg.label >= 0:
+          labels.append(np.full(seg.end - seg.start, seg.label))
+          answers.append(np.full(seg.end - seg.start, answer(seg.face_code, seg.audio_code)))
+  if not labels:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  return np.concatenate(labels).astype(np.int64), np.concatenate(answers).astype(np.int64)
+
+
 def _annotation_text(labels: np.ndarray, delta: int) -> str:
   if delta > 0:  # the annotation runs past the video: repeat the last label
     labels = np.concatenate([labels, np.full(delta, labels[-1])])
@@ -576,6 +610,33 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
   tmp.replace(path)
 
 
+class SynthDirError(errors.UserError, ValueError):
+  """The output folder holds a synthetic set made with other settings."""
+
+
+def _check_dataset_settings(out: pathlib.Path, settings: dict) -> None:
+  """Records the set's settings in ``out``, or stops if ``out`` holds a set made with others.
+
+  Per-video markers cannot catch this alone: a set of 32 videos completed as one of 64 would
+  keep videos planned for other splits and lengths, and the build would silently mix them.
+  A folder from before this record (markers only) adopts the settings of its first run here.
+  """
+  path = out / MARKER_DIR / DATASET_MARKER
+  try:
+    recorded = json.loads(path.read_text())
+  except FileNotFoundError:
+    _atomic_write(path, json.dumps(settings, indent=1))
+    return
+  except (OSError, ValueError) as e:
+    raise SynthDirError(f"{path}: unreadable ({e}); delete {out} to regenerate the set") from e
+  if recorded != settings:
+    diff = ", ".join(f"{k} {recorded.get(k)} (asked: {v})" for k, v in settings.items()
+                     if recorded.get(k) != v)
+    raise SynthDirError(f"{out} holds a synthetic set made with other settings: {diff}; "
+                        f"name another folder (config.synthetic.raw_dir or --out) or delete "
+                        f"{out} to regenerate it")
+
+
 def _is_done(out: pathlib.Path, plan: VideoPlan) -> bool:
   """True if the video's marker matches its plan and its outputs are still there."""
   try:
@@ -607,6 +668,7 @@ def generate(out_dir: str | os.PathLike, num_videos: int = 16, seed: int = 0, wo
 
   Raises:
     ValueError: on num_videos < 3, workers < 1 or a bad length range.
+    SynthDirError: if ``out_dir`` holds a set made with another num_videos, seed or seconds.
   """
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
@@ -615,6 +677,8 @@ def generate(out_dir: str | os.PathLike, num_videos: int = 16, seed: int = 0, wo
   start = time.monotonic()
   out = pathlib.Path(out_dir)
   plans = plan_dataset(num_videos, seed, seconds)
+  _check_dataset_settings(out, {"version": SYNTH_VERSION, "num_videos": num_videos,
+                                "seed": seed, "seconds": [float(x) for x in seconds]})
   todo = [p for p in plans if not _is_done(out, p)]
   jobs = [(str(out), p, seed) for p in todo]
   if workers == 1 or len(jobs) <= 1:
@@ -654,6 +718,8 @@ def main() -> None:
   f = flags.FLAGS
   try:
     summary = generate(f.out, f.num_videos, f.seed, f.workers, (f.min_seconds, f.max_seconds))
+  except SynthDirError:
+    raise  # a data error (exit 1), not a usage one
   except ValueError as e:
     raise errors.UsageError(str(e)) from e
   print(f"{f.out}: {len(summary['generated'])} videos written, {len(summary['skipped'])} "

@@ -119,3 +119,25 @@ def test_ensure_demo_dataset_builds_once_then_reuses(dataset, tmp_path):
   api.ensure_demo_dataset(raw, out, num_videos=5, seed=3, workers=1, seconds=(2.0, 3.0),
                           log=logs.append)
   assert any("records" in m for m in logs) and store.load_metadata(out)
+
+
+def test_concurrent_ensure_demo_dataset_waits_for_the_one_at_work(dataset):
+  """Two trainings started at once on the demo config must not write the same files: the
+  second waits on the set's lock (held here as the first run would hold it)."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  from data_prep import api, synth  # pylint: disable=g-import-not-at-top
+  raw, out, _ = dataset
+  logs = []
+  second = threading.Thread(target=api.ensure_demo_dataset, args=(raw, out), kwargs=dict(
+      num_videos=5, seed=3, workers=1, seconds=(2.0, 3.0), log=logs.append))
+  with open(raw / synth.MARKER_DIR / "lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    second.start()
+    time.sleep(1.0)
+    assert second.is_alive() and logs == []   # blocked before its first step
+    fcntl.flock(lock, fcntl.LOCK_UN)
+  second.join(timeout=120)
+  assert not second.is_alive() and any("up to date" in m for m in logs)

@@ -370,3 +370,43 @@ def test_mouth_opens_with_the_syllables_of_the_voice():
     if s.audio_code < 0:
       assert not mouth[s.start:s.end].any()
   assert 0.2 < np.mean(mouth > 0.1) < 0.8
+
+
+def test_a_folder_made_with_other_settings_is_refused_not_mixed(tmp_path):
+  """A 3-video set asked again as 4 videos (or another seed) would keep the old plan's
+  videos next to the new ones; the generator names the settings that differ instead."""
+  out = tmp_path / "synth"
+  synth.generate(out, num_videos=3, seed=5, workers=1, seconds=SECONDS)
+  before = sorted(p.relative_to(out) for p in out.rglob("*"))
+  for kwargs, named in (({"num_videos": 4, "seed": 5}, "num_videos 3 (asked: 4)"),
+                        ({"num_videos": 3, "seed": 6}, "seed 5 (asked: 6)")):
+    with pytest.raises(synth.SynthDirError, match=re.escape(named)):
+      synth.generate(out, workers=1, seconds=SECONDS, **kwargs)
+  assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing touched
+  again = synth.generate(out, num_videos=3, seed=5, workers=1, seconds=SECONDS)
+  assert again["generated"] == [] and len(again["skipped"]) == 3
+
+
+def test_code_oracle_reads_the_drawn_codes_and_counts_every_labelled_frame(monkeypatch):
+  plans = synth.plan_dataset(16, 0, (20.0, 40.0))
+  labels, answers = synth.code_oracle(plans, "validation")
+  # Exactly the split's labelled frames (the annotation files' labels before any length
+  # mismatch), class by class.
+  frames = np.concatenate([synth._labels(p, v.num_frames) for v in plans  # pylint: disable=protected-access
+                           if v.split == "validation" for p in v.persons if p.annotated])
+  np.testing.assert_array_equal(np.bincount(labels, minlength=8),
+                                np.bincount(frames[frames >= 0], minlength=8))
+  # Segments showing their label's own codes are answered right; noise segments exist and
+  # some of them are answered wrong (the set's ceiling is below 1).
+  segs = [s for v in plans if v.split == "validation" for p in v.persons if p.annotated
+          for s in p.segments if s.label >= 0]
+  clean = np.concatenate([np.full(s.end - s.start, (s.face_code, s.audio_code) ==
+                                  (synth.FACE_CODE[s.label], synth.AUDIO_CODE[s.label]))
+                          for s in segs])
+  np.testing.assert_array_equal(answers[clean], labels[clean])
+  assert (answers[~clean] != labels[~clean]).any()
+  # Without noise codes the oracle is perfect.
+  for name in ("_FACE_NOISE_PROB", "_SILENT_PROB", "_VOICE_NOISE_PROB"):
+    monkeypatch.setattr(synth, name, 0.0)
+  labels, answers = synth.code_oracle(synth.plan_dataset(16, 0, (20.0, 40.0)), "validation")
+  np.testing.assert_array_equal(answers, labels)
