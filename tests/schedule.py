@@ -8,13 +8,12 @@ the longest files first (the classic longest-processing-time rule) leaves only s
 for the end. conftest.py sorts the collected tests by file with this table and turns off
 xdist's own reordering.
 
-FILE_SECONDS is each file's wall time in a 2-worker run on the 2-core development machine
-(setup included, so a session fixture counts against the file that builds it first). They
-were measured with the machine loaded (load average ~8, about 2.5 times a quiet machine's
-times); the last files of that run, marked "est.", are the quiet fresh-clone durations of
-their slowest tests times 2.5. Only the order matters, so the numbers need no refresh unless
-a file's rank changes a lot; a file missing from the table (a new one) is placed as if it
-took DEFAULT_SECONDS. Refresh:
+FILE_SECONDS is each file's seconds (its tests' setup, call and teardown, from junit XML) in
+a 2-worker run on the 2-core development machine while other jobs kept the load average at
+6-10 (1.2 to 2 times a quiet run's per-test times); a session fixture counts against the file
+that built it. Only the order matters, so the numbers need no refresh unless a file's rank
+changes a lot; a file missing from the table (a new one) is placed as if it took
+DEFAULT_SECONDS. Refresh:
 
   pytest -n 2 --dist loadfile --junitxml=/tmp/run.xml tests
   python tests/schedule.py /tmp/run.xml        # prints a new table to paste below
@@ -27,40 +26,48 @@ import xml.etree.ElementTree as ET
 DEFAULT_SECONDS = 60.0
 
 FILE_SECONDS = {
-    "test_training_resume.py": 1200,     # est.: two-process 237 s, EMA 143 s, SIGKILL 85 s
-    "test_training_step.py": 1074,
-    "test_layers.py": 551,
-    "test_accelerator_check.py": 510,    # est.: 205 s
-    "test_faults.py": 476,
-    "test_training_loop.py": 368,
-    "test_model.py": 366,
-    "test_tfds_source.py": 332,
-    "test_features.py": 275,
-    "test_predict.py": 266,
-    "test_swin.py": 262,
-    "test_prep_tfds.py": 230,            # est.: 93 s
-    "test_performance.py": 214,
-    "test_ablate.py": 205,
-    "test_temporal.py": 184,
-    "test_swin_import.py": 153,
-    "test_prep_detect.py": 138,
-    "test_planning.py": 100,
-    "test_synth.py": 90,
-    "test_convert_families.py": 72,
-    "test_encoder_policy.py": 71,
-    "test_clips.py": 70,
-    "test_prep_bad_inputs.py": 65,
-    "test_face_track.py": 54,
-    "test_pipeline.py": 53,
-    "test_wav2vec2.py": 52,
-    "test_vit_import.py": 31,
+    "test_training_resume.py": 773,
+    "test_training_step.py": 295,
+    "test_faults.py": 284,
+    "test_accelerator_check.py": 268,
+    "test_temporal_training.py": 173,
+    "test_errors.py": 144,
+    "test_predict.py": 137,
+    "test_features.py": 128,
+    "test_training_loop.py": 111,
+    "test_swin_import.py": 108,
+    "test_tfds_source.py": 107,
+    "test_encoder_policy.py": 102,
+    "test_layers.py": 93,
+    "test_prep_detect.py": 89,
+    "test_ablate.py": 87,
+    "test_synth.py": 87,
+    "test_layer_decay.py": 79,
+    "test_swin.py": 55,
+    "test_convert_families.py": 54,
+    "test_prep_e2e.py": 53,
+    "test_prep_bad_inputs.py": 52,
+    "test_model.py": 51,
+    "test_performance.py": 43,
+    "test_prep_resume.py": 42,
+    "test_face_track.py": 39,
+    "test_pipeline.py": 35,
+    "test_planning.py": 33,
+    "test_temporal.py": 29,
+    "test_report.py": 27,
+    "test_vit_import.py": 27,
+    "test_wav2vec2.py": 24,
     "test_face_detector.py": 22,
-    "test_prep_features.py": 16,
-    "test_prep_release.py": 14,
-    "test_prep_alignment.py": 4,
-    "test_align.py": 2,
-    "test_sampling.py": 2,
-    "test_prep_media.py": 2,
+    "test_clips.py": 15,
+    "test_prep_release.py": 8,
+    "test_prep_features.py": 8,
+    "test_layout.py": 6,
+    "test_prep_alignment.py": 2,
+    "test_prep_media.py": 1,
+    "test_prep_tfds.py": 1,
+    "test_sampling.py": 1,
+    "test_align.py": 1,
+    "test_augment.py": 0,
 }
 
 
