@@ -12,6 +12,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 if "collective_call_terminate_timeout" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + _COLLECTIVE_TIMEOUT
+# Compiling is most of the suite's time and the programs are tiny: skip LLVM's optimisation
+# passes, as the Makefile does (its comment has the measurement).
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 
