@@ -52,7 +52,7 @@ def ensure_demo_dataset(raw_dir: str | os.PathLike, data_dir: str | os.PathLike,
 
   raw_dir, data_dir = pathlib.Path(raw_dir), pathlib.Path(data_dir)
   with _exclusive(raw_dir / synth.MARKER_DIR / "lock"):
-    return _ensure(raw_dir, data_dir, num_videos, seed, workers, seconds, say)
+    return _ensure(synth, raw_dir, data_dir, num_videos, seed, workers, seconds, say)
 
 
 @contextlib.contextmanager
@@ -69,10 +69,8 @@ def _exclusive(lock_path: pathlib.Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _ensure(raw_dir, data_dir, num_videos, seed, workers, seconds, say) -> pathlib.Path:
-  """`ensure_demo_dataset`'s work, under its lock."""
-  from data_prep import synth  # pylint: disable=g-import-not-at-top
-
+def _ensure(synth, raw_dir, data_dir, num_videos, seed, workers, seconds, say) -> pathlib.Path:
+  """`ensure_demo_dataset`'s work, under its lock (``synth``: the module, imported there)."""
   say(f"Synthetic Aff-Wild2 set in {raw_dir} ({num_videos} videos, seed {seed})...")
   extra = {} if seconds is None else {"seconds": tuple(seconds)}
   made = synth.generate(raw_dir, num_videos=num_videos, seed=seed, workers=workers, **extra)
