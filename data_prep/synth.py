@@ -113,7 +113,7 @@ from absl import flags
 
 from data_prep import media_write
 from data_prep import synth_render
-from mfer_jax import cli, constants, errors
+from mfer_jax import cli, constants, errors, files
 from mfer_jax.media import align, faces
 
 CLASS_NAMES = constants.CLASS_NAMES
@@ -598,16 +598,9 @@ def render_video(out_dir: str, plan: VideoPlan, seed: int) -> str:
     for person in plan.persons:
       if person.annotated:
         text = _annotation_text(_labels(person, plan.num_frames), plan.annotation_delta)
-        _atomic_write(_annotation_path(out, plan.split, person.name), text)
-  _atomic_write(_marker(out, plan), json.dumps(_video_info(plan), indent=1))
+        files.atomic_write_bytes(_annotation_path(out, plan.split, person.name), text.encode())
+  files.atomic_write_json(_marker(out, plan), _video_info(plan), sort_keys=False)
   return plan.stem
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 class SynthDirError(errors.UserError, ValueError):
@@ -625,7 +618,7 @@ def _check_dataset_settings(out: pathlib.Path, settings: dict) -> None:
   try:
     recorded = json.loads(path.read_text())
   except FileNotFoundError:
-    _atomic_write(path, json.dumps(settings, indent=1))
+    files.atomic_write_json(path, settings, sort_keys=False)
     return
   except (OSError, ValueError) as e:
     raise SynthDirError(f"{path}: unreadable ({e}); delete {out} to regenerate the set") from e
@@ -689,7 +682,7 @@ def generate(out_dir: str | os.PathLike, num_videos: int = 16, seed: int = 0, wo
     with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
       pool.starmap(render_video, jobs)
   test_names = [p.name for v in plans if v.split == "test" for p in v.persons if p.annotated]
-  _atomic_write(out / TEST_LIST, "".join(f"{n}\n" for n in test_names))
+  files.atomic_write_bytes(out / TEST_LIST, "".join(f"{n}\n" for n in test_names).encode())
   splits = {}
   for split in ("train", "validation", "test"):
     persons = [(v, p) for v in plans if v.split == split for p in v.persons if p.annotated]
