@@ -81,6 +81,11 @@ def base_config() -> ConfigDict:
           "mlp_ratio": 4.0,
           "dropout": 0.1,
           "gate_hidden": 128,     # hidden width of the modality-gate MLP (gated, mfm*)
+          # > 0: a linear head on each modality's own pooled feature (before any fusion),
+          # trained with this weight next to the fused head's loss, so that each encoder
+          # learns its modality's evidence instead of the fit resting on the one that
+          # memorises fastest (docs/demo_experiments.md). Prediction uses the fused head only.
+          "unimodal_loss_weight": 0.0,
       },
       # The temporal head over the fused features of a clip's frames (models/temporal.py,
       # docs/temporal.md); any head but none needs data.sequence.length >= 2.

@@ -192,3 +192,31 @@ def test_sharded_forward_equals_unsharded():
   got = fwd(params, batch)
   np.testing.assert_allclose(got["logits"], expected["logits"], atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(got["gates"], expected["gates"], atol=1e-6)
+
+
+def test_unimodal_heads_each_see_one_modality_and_exist_only_when_weighted():
+  cfg = tiny_model_config("mfm")
+  cfg.fusion.unimodal_loss_weight = 0.5
+  model = ExpressionModel(cfg, rngs=nnx.Rngs(0))
+  batch = make_batch()
+  out = run(model, batch)
+  assert out["unimodal_logits"].shape == (4, 2, 8)
+  np.testing.assert_array_equal(out["available"], [[1, 1], [0, 1], [1, 1], [0, 1]])
+  other_mel = run(model, {**batch, "mel": batch["mel"][::-1]})
+  other_face = run(model, {**batch, "face": batch["face"][::-1]})
+  # The visual head ignores the audio and the audio head the faces, though the MFM's
+  # cross-attention makes the fused logits depend on both.
+  np.testing.assert_array_equal(out["unimodal_logits"][:, 0], other_mel["unimodal_logits"][:, 0])
+  np.testing.assert_array_equal(out["unimodal_logits"][:, 1], other_face["unimodal_logits"][:, 1])
+  assert not np.allclose(out["unimodal_logits"][:, 1], other_mel["unimodal_logits"][:, 1])
+  assert not np.allclose(out["unimodal_logits"][0::2, 0], other_face["unimodal_logits"][0::2, 0])
+  assert not np.allclose(out["logits"], other_mel["logits"])
+  # Weight 0 (the default) builds no heads: the usual outputs and parameters.
+  plain = ExpressionModel(tiny_model_config("mfm"), rngs=nnx.Rngs(0))
+  assert set(run(plain, batch)) == {"logits", "gates"}
+  assert "unimodal" not in nnx.to_pure_dict(nnx.state(plain, nnx.Param))["fusion"]
+  assert "unimodal" in nnx.to_pure_dict(nnx.state(model, nnx.Param))["fusion"]
+  # A single-modality variant has nothing to add a head to.
+  cfg = tiny_model_config("visual_only")
+  cfg.fusion.unimodal_loss_weight = 0.5
+  assert set(run(ExpressionModel(cfg, rngs=nnx.Rngs(0)), batch)) == {"logits", "gates"}

@@ -11,10 +11,12 @@ from ml_collections import ConfigDict
 
 from conftest import tiny_config
 from mfer_jax import config_lib, errors, sharding
-from mfer_jax.data import pipeline
+from mfer_jax.data import pipeline, store
+from mfer_jax.models.model import ExpressionModel
 from mfer_jax.training import loop
 from mfer_jax.training import losses, optimizer
 from mfer_jax.training import state as state_lib
+from mfer_jax.training import step as step_lib
 from training_helpers import deterministic_config, pieces
 
 
@@ -180,6 +182,45 @@ def test_weighted_smoothed_loss_matches_optax_smooth_labels(smoothing):
   ce = -(targets * log_softmax).sum(-1)
   np.testing.assert_allclose(np.asarray(loss), ce, rtol=1e-5)
   assert float(jnp.sum(loss * weights)) == pytest.approx(float((weights * ce).sum()), rel=1e-5)
+
+
+def test_unimodal_heads_add_their_available_frames_loss_to_the_step_loss(data_dir):
+  """model.fusion.unimodal_loss_weight=w: the step's loss sum is the fused head's weighted CE
+  plus w times each unimodal head's, the visual head's over frames with a face only; computed
+  here with numpy from the model's outputs (deterministic config: no dropout of any kind)."""
+  config = deterministic_config(data_dir)
+  config.model.fusion.unimodal_loss_weight = 0.5
+  config.train.label_smoothing = 0.1
+  it = pipeline.make_train_iterator(config.data,
+                                    store.load_split(config.data.data_dir, "train"))
+  batch = step_lib.model_inputs(next(it))
+  it.close()
+  # Plant frames without a face and a masked (padding) frame.
+  batch["has_face"] = np.asarray(batch["has_face"]) & (np.arange(8) % 3 != 1)
+  batch["mask"] = np.asarray(batch["mask"]) & (np.arange(8) != 5)
+  spec = state_lib.ModelSpec(config.model)
+  params = nnx.state(ExpressionModel(config.model, rngs=nnx.Rngs(0)), nnx.Param)
+  class_weights = np.linspace(0.5, 2.0, 8)
+  total, (w_sum, _) = step_lib.make_loss_sum(spec, config, class_weights)(
+      params, batch, jax.random.key(0))
+  out = spec.merge(params)(batch["face"], batch["mel"], batch["has_face"])
+
+  def ce(logits, labels):   # smoothed cross-entropy, numpy
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    q = np.eye(8)[labels] * 0.9 + 0.1 / 8
+    return -(q * logp).sum(-1)
+
+  labels = np.maximum(np.asarray(batch["label"]), 0)
+  weights = np.asarray(batch["mask"], np.float64) * class_weights[labels]
+  has_face = np.asarray(batch["has_face"], np.float64)
+  assert 0 < has_face.sum() < len(has_face) and (weights == 0).any()   # both cases present
+  uni = np.asarray(out["unimodal_logits"])
+  expected = (weights * (ce(out["logits"], labels) + 0.5 * has_face * ce(uni[:, 0], labels)
+                         + 0.5 * ce(uni[:, 1], labels))).sum()
+  assert float(total) == pytest.approx(expected, rel=1e-5)
+  assert float(w_sum) == pytest.approx(weights.sum(), rel=1e-6)
 
 
 def test_adam_is_adam_with_l2_decay_on_matrices():

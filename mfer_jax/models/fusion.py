@@ -25,6 +25,12 @@ otherwise. ``concat`` has no mixing weights (the head sees both features side by
 gates are the same fixed availability split, reported so gate statistics line up across an
 ablation. The single-modality variants report 1 for their modality.
 
+**Unimodal heads** (``unimodal_loss_weight`` > 0, two-modality variants only): a LayerNorm and
+a linear head on each modality's own pooled, projected tokens, taken before the cross-attention
+blocks and the gates, so each sees one modality only. The train step adds their losses (over
+the examples where that modality is available) with this weight; evaluation and prediction
+use the fused head only.
+
 All parts are `mfer_jax.models.layers` primitives and follow the model's precision policy:
 matmul operands in the compute dtype, float32 accumulation, and a float32 residual stream,
 LayerNorm, softmax and gates, as in the encoders.
@@ -117,6 +123,14 @@ class Fusion(nnx.Module):
     if self.name in _LEARNED_GATES:
       self.gate_fc1 = layers.Dense(2 * d, cfg.gate_hidden, ("embed", "mlp"), **kw)
       self.gate_fc2 = layers.Dense(cfg.gate_hidden, 2, ("mlp", None), **kw)
+    self.unimodal_weight = float(cfg.get("unimodal_loss_weight", 0.0))
+    if self.unimodal_weight < 0:
+      raise ValueError(f"model.fusion.unimodal_loss_weight={self.unimodal_weight}: must be >= 0")
+    self.unimodal = nnx.Dict({
+        "norm_v": norm(), "norm_a": norm(),
+        "head_v": layers.Dense(d, num_classes, ("embed", "classes"), **kw),
+        "head_a": layers.Dense(d, num_classes, ("embed", "classes"), **kw),
+    }) if self.unimodal_weight > 0 and visual_dim and audio_dim else None
     # Width of the fused pre-head feature (what a temporal head models).
     self.feature_dim = 2 * d if self.name in _CONCATENATED else d
     self.head = layers.Dense(self.feature_dim, num_classes, ("embed", "classes"), **kw)
@@ -147,7 +161,7 @@ class Fusion(nnx.Module):
     Returns:
       (logits float32 [B, num_classes], gates float32 [B, 2]).
     """
-    fused, gates = self.features(v_tokens, a_tokens, avail, rngs=rngs)
+    fused, gates, _ = self.features(v_tokens, a_tokens, avail, rngs=rngs)
     return self.classify(fused, rngs=rngs), gates
 
   def classify(self, fused: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -165,13 +179,19 @@ class Fusion(nnx.Module):
       rngs: dropout RNGs (training) or None (deterministic).
 
     Returns:
-      (fused float32 [B, feature_dim], gates float32 [B, 2]).
+      (fused float32 [B, feature_dim], gates float32 [B, 2], unimodal logits float32
+      [B, 2, num_classes] of the (visual, audio) heads, or None without unimodal heads).
     """
     v = a = None
     if v_tokens is not None:
       v = self.proj_v(v_tokens) * avail[:, 0, None, None]
     if a_tokens is not None:
       a = self.proj_a(a_tokens) * avail[:, 1, None, None]
+    unimodal = None
+    if self.unimodal is not None:
+      u = self.unimodal
+      unimodal = jnp.stack([u["head_v"](u["norm_v"](v.mean(axis=1))),
+                            u["head_a"](u["norm_a"](a.mean(axis=1)))], axis=1)
     if self.cross_attention:
       emb = self.modality_embed[...].astype(jnp.float32)
       v, a = v + emb[0], a + emb[1]
@@ -196,4 +216,4 @@ class Fusion(nnx.Module):
       fused = jnp.concatenate([2 * gates[:, :1] * pv, 2 * gates[:, 1:] * pa], axis=-1)
     else:
       fused = gates[:, :1] * pv + gates[:, 1:] * pa
-    return fused, gates
+    return fused, gates, unimodal

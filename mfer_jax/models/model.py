@@ -167,7 +167,10 @@ class ExpressionModel(nnx.Module):
 
     Returns:
       {"logits": float32 [B, classes] (or [B, T, classes]), "gates": float32 [B, 2] (or
-      [B, T, 2]) (visual, audio) weights}.
+      [B, T, 2]) (visual, audio) weights}; with unimodal heads
+      (``fusion.unimodal_loss_weight`` > 0) also "unimodal_logits" float32 [B, 2, classes]
+      (or [B, T, 2, classes]) of the (visual, audio) heads and "available" bool [B, 2] (or
+      [B, T, 2]), whether each modality was seen (after modality dropout).
     """
     clip_shape = None
     # has_face tells frames ([B]) from clips ([B, T]) for pixels and cached features alike.
@@ -192,15 +195,17 @@ class ExpressionModel(nnx.Module):
       grid, _ = self.audio_encoder(
           mel_to_input(mel, self.audio_size, self.audio_chans, self.audio_stats), rngs=rngs)
       a_tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
-    fused, gates = self.fusion.features(v_tokens, a_tokens, avail, rngs=rngs)
+    fused, gates, unimodal = self.fusion.features(v_tokens, a_tokens, avail, rngs=rngs)
     if clip_shape is not None and self.temporal is not None:
       b, t = clip_shape
       present = jnp.ones((b, t), bool) if present is None else present.astype(bool)
       clip = sharding.constrain(fused.reshape(b, t, -1), ("batch", None, "embed"))
       fused = self.temporal(clip, present, rngs=rngs).reshape(b * t, -1)
     logits = self.fusion.classify(fused, rngs=rngs)
+    out = {"logits": logits, "gates": gates}
+    if unimodal is not None:
+      out.update(unimodal_logits=unimodal, available=avail)
     if clip_shape is not None:
-      logits = logits.reshape(*clip_shape, -1)
-      gates = gates.reshape(*clip_shape, -1)
-    return {"logits": logits, "gates": gates}
+      out = {k: v.reshape(*clip_shape, *v.shape[1:]) for k, v in out.items()}
+    return out
 

@@ -8,7 +8,8 @@
                  gamma 0 and no alpha it is cross-entropy.
 
 Both take logits of any leading shape (frames [B, C] or clips [B, T, C]) and return the loss
-of every frame; the train step weights, masks and normalises them.
+of every frame; the train step weights, masks and normalises them. `unimodal_loss_sum` adds
+the same loss of the per-modality heads (``model.fusion.unimodal_loss_weight``).
 """
 
 from __future__ import annotations
@@ -71,3 +72,26 @@ def make_loss(cfg: ConfigDict, num_classes: int) -> Callable[[jax.Array, jax.Arr
   alpha = tuple(float(a) for a in cfg.focal_alpha) or None
   return lambda logits, labels: focal(logits, targets(labels, num_classes, smoothing), gamma,
                                       alpha)
+
+
+def unimodal_loss_sum(loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                      unimodal_logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                      available: jax.Array, weight: float) -> jax.Array:
+  """The weighted loss sum of the per-modality heads, to add to the fused head's loss sum.
+
+  ``weight * sum_frames weights * sum_m available_m * loss(unimodal_logits_m, label)``: each
+  head learns only from the frames where its modality was seen (a blanked or missing face
+  teaches the visual head nothing), with the frame's mask and class weight, and the sum is
+  normalised by the step with the fused loss's (so the heads add to it rather than average
+  with it).
+
+  Args:
+    loss_fn: the per-frame loss (`make_loss`).
+    unimodal_logits: float32 [..., 2, C] of the (visual, audio) heads.
+    labels: valid class indices [...].
+    weights: float32 [...] per-frame weight (mask times class weight).
+    available: bool [..., 2], whether (visual, audio) was seen.
+    weight: the heads' loss weight.
+  """
+  per_head = loss_fn(unimodal_logits, jnp.broadcast_to(labels[..., None], available.shape))
+  return weight * jnp.sum(per_head * available.astype(jnp.float32) * weights[..., None])

@@ -70,6 +70,34 @@ def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def make_loss_sum(spec: ModelSpec, cfg: ConfigDict, class_weights: np.ndarray):
+  """``loss_sum(params, batch, key) -> (loss sum, (weight sum, correct))`` of one (micro)batch.
+
+  The train step divides the sum by the weight sum (over all microbatches). The loss of a frame
+  is the fused head's, plus the unimodal heads' with ``model.fusion.unimodal_loss_weight``
+  (`losses.unimodal_loss_sum`), weighted by its mask and its class's weight; ``key`` drives
+  dropout, drop path and modality dropout.
+  """
+  cw = jnp.asarray(class_weights, jnp.float32)
+  loss_fn = losses.make_loss(cfg.train, cfg.model.num_classes)
+  unimodal_weight = float(cfg.model.fusion.get("unimodal_loss_weight", 0.0))
+
+  def loss_sum(params, micro, key):
+    model = spec.merge(params)
+    out = model(micro["face"], micro["mel"], micro["has_face"], micro.get("present"),
+                rngs=nnx.Rngs(dropout=key))
+    labels = jnp.maximum(micro["label"], 0)
+    weights = micro["mask"].astype(jnp.float32) * cw[labels]
+    total = jnp.sum(loss_fn(out["logits"], labels) * weights)
+    if "unimodal_logits" in out:
+      total += losses.unimodal_loss_sum(loss_fn, out["unimodal_logits"], labels, weights,
+                                        out["available"], unimodal_weight)
+    correct = jnp.sum((out["logits"].argmax(-1) == labels) * micro["mask"])
+    return total, (jnp.sum(weights), correct)
+
+  return loss_sum
+
+
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, cfg: ConfigDict, mesh: Mesh,
                     state_sh: TrainState, batch_sh: dict[str, Any],
@@ -87,23 +115,10 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     batch_sh: shardings of the batch dict.
     class_weights: float32 [num_classes] loss weight per class (ones for none).
   """
-  num_classes = cfg.model.num_classes
   ema_decay = float(cfg.train.ema_decay)
   accum = int(cfg.train.grad_accum_steps)
   rules = cfg.mesh.rules
-  cw = jnp.asarray(class_weights, jnp.float32)
-  loss_fn = losses.make_loss(cfg.train, num_classes)
-
-  def micro_loss(params, micro, key):
-    model = spec.merge(params)
-    out = model(micro["face"], micro["mel"], micro["has_face"], micro.get("present"),
-                rngs=nnx.Rngs(dropout=key))
-    labels = jnp.maximum(micro["label"], 0)
-    weights = micro["mask"].astype(jnp.float32) * cw[labels]
-    loss_sum = jnp.sum(loss_fn(out["logits"], labels) * weights)
-    correct = jnp.sum((out["logits"].argmax(-1) == labels) * micro["mask"])
-    return loss_sum, (jnp.sum(weights), correct)
-
+  micro_loss = make_loss_sum(spec, cfg, class_weights)
   value_grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
