@@ -89,7 +89,7 @@ def test_sigmoid_concat_head_sees_each_modality_scaled_by_its_own_weight():
   rng = np.random.default_rng(0)
   v = jnp.asarray(rng.normal(size=(3, 5, 24)), jnp.float32)
   a = jnp.asarray(rng.normal(size=(3, 7, 40)), jnp.float32)
-  out = {name: [np.asarray(x) for x in fuse.features(v, a, jnp.asarray([avail] * 3))]
+  out = {name: [np.asarray(x) for x in fuse.features(v, a, jnp.asarray([avail] * 3))[:2]]
          for name, avail in
          (("both", [True, True]), ("visual", [True, False]), ("audio", [False, True]))}
   d = cfg.dim
