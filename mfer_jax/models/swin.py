@@ -34,8 +34,9 @@ from mfer_jax.models import layers
 from mfer_jax.models import swin_layers as L
 from mfer_jax.models.layers import FLOAT32, Precision
 
-# name -> (embed_dim, depths, num_heads). The test sizes keep two blocks per stage so the
-# shifted-window path is exercised.
+# name -> (embed_dim, depths, num_heads). "test" and "test3" keep two blocks per stage so the
+# shifted-window path is exercised; "test1" has one block per stage for the tests that train
+# (tests/configs/tiny.py), whose time is mostly compiling, which grows with the blocks.
 VARIANTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
     "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
@@ -43,6 +44,7 @@ VARIANTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
     "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
     "test": (32, (2, 2), (2, 4)),
     "test3": (16, (2, 2, 2), (1, 2, 4)),
+    "test1": (32, (1, 1), (2, 4)),
 }
 
 
@@ -124,7 +126,7 @@ class SwinConfig:
 
 def swin_config(variant: str, *, img_size=(224, 224), window_size=7, in_chans: int = 3,
                 drop_path_rate: float = 0.1) -> SwinConfig:
-  """The `SwinConfig` of a named variant ("tiny", "small", "base", "large", "test", "test3").
+  """The `SwinConfig` of a named variant ("tiny", "small", "base", "large", "test", "test3", "test1").
 
   Raises:
     ValueError: for an unknown variant, listing the known ones.
