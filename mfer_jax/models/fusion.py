@@ -123,14 +123,16 @@ class Fusion(nnx.Module):
     if self.name in _LEARNED_GATES:
       self.gate_fc1 = layers.Dense(2 * d, cfg.gate_hidden, ("embed", "mlp"), **kw)
       self.gate_fc2 = layers.Dense(cfg.gate_hidden, 2, ("mlp", None), **kw)
-    self.unimodal_weight = float(cfg.get("unimodal_loss_weight", 0.0))
-    if self.unimodal_weight < 0:
-      raise ValueError(f"model.fusion.unimodal_loss_weight={self.unimodal_weight}: must be >= 0")
+    # The weight itself is the train step's business (step.make_loss_sum); here it only
+    # decides whether the heads exist.
+    unimodal_weight = float(cfg.get("unimodal_loss_weight", 0.0))
+    if unimodal_weight < 0:
+      raise ValueError(f"model.fusion.unimodal_loss_weight={unimodal_weight}: must be >= 0")
     self.unimodal = nnx.Dict({
         "norm_v": norm(), "norm_a": norm(),
         "head_v": layers.Dense(d, num_classes, ("embed", "classes"), **kw),
         "head_a": layers.Dense(d, num_classes, ("embed", "classes"), **kw),
-    }) if self.unimodal_weight > 0 and visual_dim and audio_dim else None
+    }) if unimodal_weight > 0 and visual_dim and audio_dim else None
     # Width of the fused pre-head feature (what a temporal head models).
     self.feature_dim = 2 * d if self.name in _CONCATENATED else d
     self.head = layers.Dense(self.feature_dim, num_classes, ("embed", "classes"), **kw)
