@@ -126,7 +126,8 @@ class SwinConfig:
 
 def swin_config(variant: str, *, img_size=(224, 224), window_size=7, in_chans: int = 3,
                 drop_path_rate: float = 0.1) -> SwinConfig:
-  """The `SwinConfig` of a named variant ("tiny", "small", "base", "large", "test", "test3", "test1").
+  """The `SwinConfig` of a named variant (`VARIANTS`: "tiny", "small", "base", "large", "test",
+  "test3", "test1").
 
   Raises:
     ValueError: for an unknown variant, listing the known ones.
