@@ -39,7 +39,7 @@ FILE_SECONDS = {
     "test_tfds_source.py": 107,
     "test_encoder_policy.py": 102,
     "test_layers.py": 93,
-    "test_prep_detect.py": 89,
+    "test_prep_detect.py": 165,
     "test_ablate.py": 87,
     "test_synth.py": 87,
     "test_layer_decay.py": 79,

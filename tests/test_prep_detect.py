@@ -194,3 +194,24 @@ def test_manifest_command_line_errors(manifest_set, tmp_path):
   bad.write_text("video,lable\nclips/a.mp4,Anger\n")
   proc = commands.run("data_prep.build", f"--manifest={bad}", f"--out={tmp_path / 'y'}")
   commands.assert_user_error(proc, 1, "bad.csv:1", "'lable'")
+
+
+def test_a_run_trains_on_manifest_records_and_predicts_their_clips(manifest_set, tmp_path):
+  """Issue 15's last bar: records built from a manifest train (tests/configs/tiny.py, two
+  steps and the final validation) and the run predicts one of the manifest's clips, one label
+  per decoded frame."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from mfer_jax.prediction import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from mfer_jax.prediction import videos  # pylint: disable=g-import-not-at-top
+  from mfer_jax.training import loop  # pylint: disable=g-import-not-at-top
+  base, out, _, _, _ = manifest_set
+  config = tiny_config(out)
+  config.train.max_steps = 2
+  run = tmp_path / "run"
+  result = loop.train_and_evaluate(config, str(run))
+  assert 0.0 <= result["macro_f1"] <= 1.0 and (run / "FINISHED.json").is_file()
+  predictor = predictor_lib.Predictor(run, batch_size=16)
+  result, = videos.predict_video(predictor, videos.feature_params(run), base / "clips" / "c.mp4",
+                                 tmp_path / "c.txt")
+  lines = (tmp_path / "c.txt").read_text().splitlines()
+  assert len(lines) - 1 == result.num_frames == 10 and result.frames_with_face == 10
