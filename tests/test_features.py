@@ -5,6 +5,7 @@ The data is a small raw Aff-Wild2 tree (real media with audio at 16, 44.1 and 48
 wav2vec 2.0 with random weights saved as init files.
 """
 
+import copy
 import fractions
 import json
 import os
@@ -19,12 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from flax import nnx
 
 import prep_raw
 from data_prep import build
+from data_prep import tfds_affwild2
 from mfer_jax import errors, evaluation, planning, reporting, sharding
+from mfer_jax.data import pipeline
 from mfer_jax.data import reader as reader_lib
+from mfer_jax.data import sources
 from mfer_jax.data import store
 from mfer_jax.features import cache
 from mfer_jax.features import extract
@@ -136,6 +141,53 @@ def test_features_equal_a_direct_forward_pass(prepared):
     want.append(tokens[max(c - 2, 0):c + 3].mean(axis=0))
   want = np.stack(want)
   np.testing.assert_allclose(got["audio"], want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_a_tfds_built_set_gives_the_same_cache_and_feature_batches(prepared, tmp_path):
+  """Extraction without --data_dir from data.source=tfds writes the prepared source's cache
+  (resumes, and a rebuilt TFDS split is extracted again), and training's pipeline reads that
+  cache the same through either source."""
+  raw, _, _, config, ext, ref, _ = prepared
+  tfds_dir = tmp_path / "tfds"
+  tfds_affwild2.AffWild2Expr(data_dir=str(tfds_dir)).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))
+  config = copy.deepcopy(config)
+  config.data.source, config.data.tfds_data_dir = "tfds", str(tfds_dir)
+  out = tmp_path / "f"
+  summary = extract.extract(config, None, str(out), media_root=str(raw), log=None,
+                            extractor=ext)
+  assert sorted(summary.extracted) == ["train/pair_left", "train/pair_right", "train/solo",
+                                       "validation/val"]
+  got, want = _cache_files(out), _cache_files(ref)
+  meta_got, meta_want = (json.loads(d.pop(cache.METADATA)) for d in (got, want))
+  meta_got_dir = meta_got.pop("data_dir")
+  assert meta_got_dir == f"tfds:{config.data.tfds_name}@{tfds_dir}"
+  meta_want.pop("data_dir")
+  assert meta_got == meta_want and got == want   # every array, byte for byte
+  again = extract.extract(config, "", str(out), media_root=str(raw), log=None, extractor=ext)
+  assert not again.extracted and len(again.resumed) == 4
+  shard = next(tfds_dir.rglob("*-validation.array_record-*"))
+  stat = shard.stat()
+  os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))   # a rebuilt split
+  again = extract.extract(config, "", str(out), media_root=str(raw), log=None, extractor=ext)
+  assert again.extracted == ["validation/val"]
+  after = _cache_files(out)
+  assert json.loads(after.pop(cache.METADATA)) == {**meta_got, "data_dir": meta_got_dir}
+  assert after == want
+  batches = {}
+  for source in sources.SOURCES:
+    data = copy.deepcopy(config.data)
+    data.source, data.features_dir = source, str(out)
+    it = pipeline.make_train_iterator(data, sources.load_split(data, "train"),
+                                      process_index=0, process_count=1)
+    batches[source] = [next(it) for _ in range(3)]
+    it.close()
+    batches[source] += list(pipeline.make_eval_pipeline(data, sources.load_split(
+        data, "validation"), process_index=0, process_count=1))
+  assert batches["tfds"][0]["face"].shape == (8, 32)   # cached image features
+  for a, b in zip(batches["tfds"], batches["prepared"], strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_pair_shares_its_audio_features(prepared):

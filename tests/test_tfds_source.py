@@ -90,6 +90,28 @@ def test_an_epoch_of_batches_is_the_same_from_either_source(built):
       np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_clip_batches_and_window_evaluation_are_the_same_from_either_source(built):
+  """Temporal mode reads a video's frames side by side: TFDS's permutation must give the
+  prepared clips (train clips with augmentation, evaluation windows)."""
+  batches = {}
+  for source in sources.SOURCES:
+    cfg = _data_cfg(built, source, **{"sequence.length": 5, "sequence.stride": 2,
+                                      "sequence.hop": 2})
+    it = pipeline.make_train_iterator(cfg, sources.load_split(cfg, "train"),
+                                      process_index=0, process_count=1)
+    batches[source] = [next(it) for _ in range(it.steps_per_epoch)]
+    it.close()
+    batches[source] += list(pipeline.make_eval_pipeline(cfg, sources.load_split(cfg,
+                                                                                 "validation"),
+                                                        process_index=0, process_count=1))
+  assert batches["prepared"][0]["face"].shape[:2] == (8, 5)   # clips of 5 frames
+  assert len(batches["tfds"]) == len(batches["prepared"]) > 5
+  for a, b in zip(batches["tfds"], batches["prepared"]):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_the_index_is_cached_and_rescanned_when_the_split_changes(built, monkeypatch):
   cfg = _data_cfg(built, "tfds")
   reference = sources.load_split(cfg, "validation")

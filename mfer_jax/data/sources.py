@@ -88,7 +88,8 @@ def _check(cfg: ml_collections.ConfigDict) -> str:
   return cfg.source
 
 
-def _tfds_data_dir(cfg: ml_collections.ConfigDict) -> str | None:
+def tfds_data_dir(cfg: ml_collections.ConfigDict) -> str | None:
+  """``data.tfds_data_dir`` with ``~`` expanded; None for TFDS's default data dir."""
   return os.path.expanduser(cfg.tfds_data_dir) if cfg.tfds_data_dir else None
 
 
@@ -107,7 +108,7 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> SplitSource:
     return store.load_split(cfg.data_dir, split)
   # Imported here: TFDS's import is slow and the prepared route never needs it.
   from mfer_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  return tfds_source.load_split(cfg.tfds_name, _tfds_data_dir(cfg), split)
+  return tfds_source.load_split(cfg.tfds_name, tfds_data_dir(cfg), split)
 
 
 def load_metadata(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -115,4 +116,4 @@ def load_metadata(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   if _check(cfg) == "prepared":
     return store.load_metadata(cfg.data_dir)
   from mfer_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  return tfds_source.load_metadata(cfg.tfds_name, _tfds_data_dir(cfg))
+  return tfds_source.load_metadata(cfg.tfds_name, tfds_data_dir(cfg))

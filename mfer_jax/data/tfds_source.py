@@ -124,6 +124,11 @@ def _fingerprint(builder, split: str) -> str:
   return json.dumps({"version": _CACHE_VERSION, "split": split, "shards": shards})
 
 
+def split_fingerprint(name: str, data_dir: str | None, split: str) -> str:
+  """The shard files' names, sizes and mtimes of one split: changes when it is rebuilt."""
+  return _fingerprint(_builder(name, data_dir), split)
+
+
 def _cache_path(builder, split: str) -> pathlib.Path:
   return pathlib.Path(os.fspath(builder.data_dir)) / f"mfer_jax.{split}.index.npz"
 

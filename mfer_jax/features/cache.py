@@ -25,7 +25,7 @@ trains at the speed of its disk.
     weights             {"image": sha256, "audio": sha256} of the init files ('' = random)
     init_files          {"image": path, "audio": path} as given at extraction
     dims, dtype         feature widths and storage dtype
-    data_dir            the prepared dataset the rows follow
+    data_dir            the dataset the rows follow (a prepared dir, or tfds:NAME@DIR)
     splits              {split: {"videos": [...], "num_records": n}}
     warnings            media whose audio could not be decoded (silent features)
 

@@ -1,4 +1,5 @@
-"""Feature extraction over a prepared dataset: resumable per video, atomic, sharded over devices.
+"""Feature extraction over a prepared or TFDS-built dataset: resumable per video, atomic, sharded
+over devices.
 
 For every video of the requested splits, in record order:
 
@@ -11,6 +12,10 @@ For every video of the requested splits, in record order:
   (`mfer_jax.media`), with sample 0 at the first video frame. A video without a decodable
   audio track gets the features of silence and a warning, as data preparation gives it
   silent log-mel windows. A ``_left`` / ``_right`` pair decodes and encodes its media once.
+
+The records come from ``data_dir`` (a prepared dataset) or, without it, from the split source
+``config.data`` names (`mfer_jax.data.sources`: ``data.source=tfds`` reads a TFDS-built set);
+both hold the same records in the same order, so they give the same cache.
 
 Each video is written as `mfer_jax.features.cache` lays out (temporary names, renamed when
 complete), then its sidecar; a rerun skips videos whose sidecar matches the spec, weights and
@@ -32,7 +37,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mfer_jax import errors, files
-from mfer_jax.data import reader as reader_lib
+from mfer_jax.data import sources
 from mfer_jax.data import store
 from mfer_jax.features import cache
 from mfer_jax.features import extractor as extractor_lib
@@ -73,14 +78,47 @@ def _write_npy(path: pathlib.Path, array: np.ndarray) -> None:
     tmp.unlink(missing_ok=True)
 
 
-def _fingerprint(data_dir, split: str, video: str, media: str | None) -> dict:
-  """Sizes and mtimes of a video's inputs: its shard (and media): changed inputs rebuild it."""
+def _fingerprint(data_cfg: ConfigDict, split: str, video: str, media: str | None,
+                 tfds_split: dict[str, str]) -> dict:
+  """Sizes and mtimes of a video's inputs: its shard (and media): changed inputs rebuild it.
+
+  A TFDS split has no shard per video: its shard files' fingerprint (computed once per split
+  into ``tfds_split``) stands for every video of the split, so a rebuilt split re-extracts
+  all of them.
+  """
   out = {}
-  for key, path in (("shard", store.shard_path(data_dir, split, video)), ("media", media)):
+  shard = None
+  if data_cfg.source == "tfds":
+    if split not in tfds_split:
+      from mfer_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+      tfds_split[split] = tfds_source.split_fingerprint(
+          data_cfg.tfds_name, sources.tfds_data_dir(data_cfg), split)
+    out["tfds"] = tfds_split[split]
+  else:
+    shard = store.shard_path(data_cfg.data_dir, split, video)
+  for key, path in (("shard", shard), ("media", media)):
     if path and os.path.exists(path):
       st = os.stat(path)
       out[key] = [st.st_size, st.st_mtime_ns]
   return out
+
+
+def data_config(config: ConfigDict, data_dir: str | None) -> ConfigDict:
+  """``config.data`` with ``data_dir`` (if given) as a prepared source, else as it is."""
+  cfg = ConfigDict(config.data.to_dict())
+  if data_dir:
+    cfg.source, cfg.data_dir = "prepared", str(data_dir)
+  elif cfg.source == "prepared" and not cfg.data_dir:
+    raise ExtractError("no dataset to extract from: pass --data_dir=PREPARED (python -m "
+                       "data_prep.build), or --config.data.source=tfds and "
+                       "--config.data.tfds_data_dir=DIR for a TFDS-built set")
+  return cfg
+
+
+def _described(data_cfg: ConfigDict) -> str:
+  if data_cfg.source == "tfds":
+    return f"tfds:{data_cfg.tfds_name}@{sources.tfds_data_dir(data_cfg) or ''}"
+  return str(data_cfg.data_dir)
 
 
 def load_waveform(path: str) -> np.ndarray:
@@ -93,19 +131,20 @@ def load_waveform(path: str) -> np.ndarray:
   return wave
 
 
-def extract(config: ConfigDict, data_dir: str, out: str,
+def extract(config: ConfigDict, data_dir: str | None, out: str,
             splits: Sequence[str] = ("train", "validation"), media_root: str = "",
             log: Callable[[str], None] | None = print,
             extractor: extractor_lib.FeatureExtractor | None = None) -> Summary:
-  """Extracts (or finishes extracting) the feature cache ``out`` of a prepared dataset.
+  """Extracts (or finishes extracting) the feature cache ``out`` of a dataset.
 
   Args:
     config: the whole config: model.image / model.audio (families, variants, init files),
       features (dtype, batch size, audio settings), data.face_size, seed.
-    data_dir: the prepared dataset (`mfer_jax.data.store`).
+    data_dir: the prepared dataset (`mfer_jax.data.store`); empty or None: the source
+      ``config.data`` names (``data.source=tfds`` with ``data.tfds_data_dir``).
     out: the cache directory to write.
-    splits: splits to extract (each must be in the prepared data).
-    media_root: the Aff-Wild2 root the prepared data was built from (wav2vec2 / hubert).
+    splits: splits to extract (each must be in the dataset).
+    media_root: the Aff-Wild2 root the data was built from (wav2vec2 / hubert).
     log: progress and warnings (None: silent).
     extractor: an already built extractor for ``config`` (tests reuse one).
 
@@ -113,14 +152,15 @@ def extract(config: ConfigDict, data_dir: str, out: str,
     What was done.
 
   Raises:
-    ExtractError: a waveform audio encoder without ``media_root``.
+    ExtractError: a waveform audio encoder without ``media_root``; no dataset named.
     DatasetError, FeatureCacheError, CheckpointError: missing data, bad init files.
   """
   say = log or (lambda _: None)
-  meta = store.load_metadata(data_dir)
+  data_cfg = data_config(config, data_dir)
+  meta = sources.load_metadata(data_cfg)
   for split in splits:
     if split not in meta["splits"]:
-      raise ExtractError(f"split {split!r} is not in {data_dir} (it has "
+      raise ExtractError(f"split {split!r} is not in {_described(data_cfg)} (it has "
                          f"{', '.join(meta['splits'])}); choose --splits among those")
   the_spec = cache.spec(config, meta["features"])
   the_hash = cache.spec_hash(the_spec)
@@ -134,14 +174,14 @@ def extract(config: ConfigDict, data_dir: str, out: str,
         "--media_root=AFFWILD2_ROOT (the --root the data was prepared from; metadata.json "
         "names each video's media relative to it)")
   summary = Summary(out=str(out))
-  todo = []
+  todo, tfds_split = [], {}
   for split in splits:
     for name in meta["splits"][split]["videos"]:
       entry = meta["videos"][name]
       media = str(pathlib.Path(media_root) / entry["media"]) if ext.audio_from_waveform else None
       side = cache.sidecar_path(out, split, name)
       want = {"spec_hash": the_hash, "weights": weights,
-              "source": _fingerprint(data_dir, split, name, media)}
+              "source": _fingerprint(data_cfg, split, name, media, tfds_split)}
       done = False
       if side.is_file():
         try:
@@ -167,14 +207,14 @@ def extract(config: ConfigDict, data_dir: str, out: str,
   say(f"Extracting features of {len(todo)} videos into {out} "
       f"({len(summary.resumed)} finished earlier, batch {ext.batch_size} over "
       f"{ext.mesh.size} devices)")
-  readers: dict[str, reader_lib.SplitReader] = {}
-  indexes: dict[str, store.SplitIndex] = {}
+  readers: dict[str, sources.RecordReader] = {}
+  indexes: dict[str, sources.SplitSource] = {}
   media_cache: dict[str, np.ndarray] = {}
   t0 = time.time()
   for n, (split, name, media, want) in enumerate(todo, 1):
     if split not in readers:
-      indexes[split] = store.load_split(data_dir, split)
-      readers[split] = reader_lib.SplitReader(indexes[split], config.data.face_size)
+      indexes[split] = sources.load_split(data_cfg, split)
+      readers[split] = indexes[split].open_reader(config.data.face_size)
     index, reader = indexes[split], readers[split]
     vid = index.videos.index(name)
     rows = np.flatnonzero(np.asarray(index.video_id) == vid)
@@ -215,7 +255,7 @@ def extract(config: ConfigDict, data_dir: str, out: str,
       "spec_hash": the_hash, "weights": weights,
       "init_files": {k: config.model[k].init_file for k in cache.MODALITIES},
       "dims": {"image": ext.image_dim, "audio": ext.audio_dim}, "dtype": dtype,
-      "data_dir": str(data_dir),
+      "data_dir": _described(data_cfg),
       "splits": {**listed, **{s: {"videos": meta["splits"][s]["videos"],
                                   "num_records": meta["splits"][s]["num_records"]}
                               for s in splits}},

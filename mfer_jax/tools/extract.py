@@ -3,6 +3,9 @@ r"""Extracts per-frame encoder features of a prepared dataset, for training head
   python -m mfer_jax.tools.extract --config=configs/abaw_features.py \
       --data_dir=/data/affwild2_prepared --out=/data/affwild2_features \
       --media_root=/data/Aff-Wild2 [--splits=train,validation]
+  python -m mfer_jax.tools.extract --config=configs/abaw_features.py \
+      --config.data.source=tfds --config.data.tfds_data_dir=/data/tfds \
+      --out=/data/affwild2_features --media_root=/data/Aff-Wild2     # a TFDS-built set
 
 The config names the encoders and their weights (``model.image`` / ``model.audio``: family,
 variant, init_file) and the feature parameters (``features.*``); training with the same config
@@ -24,8 +27,9 @@ from mfer_jax.features import extract
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file naming the encoders, "
                                           "e.g. configs/abaw_features.py.", lock_config=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared dataset (python -m data_prep.build).",
-                                required=True)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "Prepared dataset (python -m data_prep.build); without it, the dataset "
+    "config.data names (e.g. --config.data.source=tfds --config.data.tfds_data_dir=DIR).")
 _OUT = flags.DEFINE_string("out", None, "Feature cache directory to write.", required=True)
 _MEDIA_ROOT = flags.DEFINE_string(
     "media_root", "", "Aff-Wild2 root the data was prepared from (the media of wav2vec2 / "
