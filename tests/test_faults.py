@@ -37,6 +37,14 @@ TINY = ROOT / "tests" / "configs" / "tiny.py"
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_read_reports(caplog):
+  """Nor asyncio's "exception was never retrieved" reports of them (a logged error)."""
+  yield
+  reports = [r.getMessage()[:200] for r in caplog.records if "never retrieved" in r.getMessage()]
+  assert not reports, reports
+
+
 def _data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
   """The array data files of a step (OCDBT). Each one is damaged, since which of them a
   restore reads varies from save to save."""
@@ -163,6 +171,10 @@ def test_only_a_failed_restores_leftover_reads_are_silenced():
   assert not logs.filter(record("Future exception was never retrieved\nfuture: <Future "
                                 "finished exception=ValueError(...)>", ValueError(
                                     'OUT_OF_RANGE: Error reading "a/0" in OCDBT database')))
+  gathered = Exception("Encountered error while reading array index: (slice(0, 4, 1),). See "
+                       "full TensorStore details: ...")
+  assert not logs.filter(record("_GatheringFuture exception was never retrieved\nfuture: "
+                                "<_GatheringFuture finished exception=Exception(...)>", gathered))
   assert logs.filter(record("Future exception was never retrieved", ValueError("ours")))
   assert logs.filter(record("something else about orbax"))
 

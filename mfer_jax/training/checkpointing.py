@@ -26,6 +26,7 @@ import os
 import pathlib
 import re
 import sys
+import traceback
 import warnings
 from typing import Any, Sequence
 
@@ -79,17 +80,25 @@ def _dotted(path: Sequence[Any]) -> str:
 class _FailedRestoreLeftovers(std_logging.Filter):
   """Drops asyncio's "exception was never retrieved" reports of Orbax/TensorStore reads.
 
-  A Task's report names its Orbax coroutine; a bare Future's names only its exception,
-  TensorStore's read error of an OCDBT checkpoint (the exception itself may carry no frames).
+  Which of them names Orbax or TensorStore varies: a Task's message names its Orbax
+  coroutine; a _GatheringFuture's exception says "TensorStore details" and carries Orbax's
+  frames; a bare Future's is TensorStore's read error of the OCDBT checkpoint, without frames.
+  So the message, each exception of the chain and its frames' files are searched.
   """
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     text = record.getMessage()
     if "never retrieved" not in text:
       return True
-    if record.exc_info and record.exc_info[1] is not None:
-      text += f" {record.exc_info[1]}"
-    return not any(k in text for k in ("orbax", "tensorstore", "OCDBT"))
+    parts, seen = [text], set()
+    exc = record.exc_info[1] if record.exc_info else None
+    while exc is not None and id(exc) not in seen:
+      seen.add(id(exc))
+      parts.append(str(exc))
+      parts += [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
+      exc = exc.__cause__ or exc.__context__
+    blob = " ".join(parts).lower()
+    return not any(k in blob for k in ("orbax", "tensorstore", "ocdbt"))
 
 
 _leftovers_silenced = False
