@@ -7,6 +7,7 @@ exists is documented here, so ``--config.a.b=v`` overrides and unknown keys are 
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable
 
 from ml_collections import ConfigDict
@@ -303,7 +304,9 @@ def apply_variant_args(c: ConfigDict, arg: str | None) -> ConfigDict:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or key not in VARIANT_KEYS:
+      close = difflib.get_close_matches(key, VARIANT_KEYS, n=1)
+      hint = f"; did you mean {close[0]!r}?" if close and sep else ""
       raise ValueError(f"config argument {item!r}: expected key=value with key in "
-                       f"{sorted(VARIANT_KEYS)} (e.g. configs/abaw.py:fusion=gated)")
+                       f"{sorted(VARIANT_KEYS)}{hint} (e.g. configs/abaw.py:fusion=gated)")
     VARIANT_KEYS[key](c, value.strip())
   return c

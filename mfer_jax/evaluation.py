@@ -93,20 +93,36 @@ def read_evals(workdir: str | os.PathLike, name: str | None = None) -> list[dict
   """All eval JSONs of a workdir (of the primary evaluator, or of ``name``), by step.
 
   Raises:
-    EvalFileError: a file that is not JSON (they are written atomically, so it was damaged
-      after the fact).
+    EvalFileError: a file that is not JSON, or not an eval of its step (they are written
+      atomically, so it was damaged after the fact).
   """
   paths = sorted((p for p in eval_dir(workdir, name).glob("*.json") if p.stem.isdigit()),
                  key=lambda p: int(p.stem))
   out = []
   for p in paths:
     try:
-      out.append(json.loads(p.read_text()))
+      result = json.loads(p.read_text())
+      check_eval(result, int(p.stem))
     except (OSError, ValueError) as e:
       raise EvalFileError(f"{p} cannot be read ({type(e).__name__}: {e}); delete it, and "
                           "rerun `python main.py ... --mode=eval` to evaluate a checkpoint "
                           "again") from e
+    out.append(result)
   return out
+
+
+def check_eval(result: Any, step: int) -> None:
+  """Raises ValueError unless ``result`` is an eval of ``step``: a JSON object with the
+  ``step`` and numeric ``macro_f1`` and ``accuracy`` that every reader of evals uses (a file
+  whose bytes were overwritten can still parse)."""
+  if not isinstance(result, dict):
+    raise ValueError(f"a JSON {type(result).__name__}, not an evaluation result (an object)")
+  if result.get("step") != step or isinstance(result.get("step"), bool):
+    raise ValueError(f"its step is {result.get('step')!r}, not {step}")
+  bad = [k for k in ("macro_f1", "accuracy") if not isinstance(result.get(k), (int, float))
+         or isinstance(result.get(k), bool)]
+  if bad:
+    raise ValueError(f"{', '.join(bad)} missing or not a number")
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:

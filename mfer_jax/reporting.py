@@ -237,6 +237,31 @@ def _markdown(workdir: pathlib.Path, result: dict[str, Any], evals: Sequence[dic
   return "\n".join(lines)
 
 
+def _number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_result(workdir: pathlib.Path, result: dict[str, Any]) -> None:
+  """Raises ReportError unless the chosen eval has the per-class numbers the report draws
+  (`evaluation.read_evals` checked its step, macro_f1 and accuracy)."""
+  f1, support = result.get("per_class_f1"), result.get("support")
+  confusion, gates = result.get("confusion"), result.get("gate_mean")
+  ok = (isinstance(f1, dict) and f1 and isinstance(support, dict) and set(support) == set(f1)
+        and all(_number(v) for v in [*f1.values(), *support.values()])
+        and isinstance(confusion, list) and len(confusion) == len(f1)
+        and all(isinstance(r, list) and len(r) == len(f1) and all(_number(v) for v in r)
+                for r in confusion)
+        and _number(result.get("num_examples"))
+        and (gates is None or (isinstance(gates, dict) and set(gates) >= set(f1) and all(
+            isinstance(gates[n], list) and len(gates[n]) == 2
+            and all(_number(v) for v in gates[n]) for n in f1))))
+  if not ok:
+    path = evaluation.eval_dir(workdir) / f"{result['step']}.json"
+    raise ReportError(f"{path} cannot be read (per_class_f1, support, confusion, num_examples "
+                      "or gate_mean missing or malformed); delete it, and rerun `python main.py "
+                      "... --mode=eval` to evaluate a checkpoint again, or pick another --step")
+
+
 def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                  step: int | None = None) -> pathlib.Path:
   """Writes the plots and ``report.md`` for ``workdir``; returns the path of report.md.
@@ -253,10 +278,15 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
   workdir = pathlib.Path(workdir).resolve()
   evals = load_evals(workdir)
   result = pick_eval(evals, step)
+  _check_result(workdir, result)
   metrics = load_metrics(workdir)
   config = _run_config(workdir)
   out = pathlib.Path(out_dir) if out_dir is not None else workdir / "report"
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ReportError(f"cannot make the report folder {out} ({type(e).__name__}: "
+                      f"{e.strerror or e}: {e.filename}); choose a writable --out") from e
   plots = {k: v for k, v in PLOTS.items() if k != "gates" or "gate_mean" in result}
   plot_confusion(result, out / plots["confusion"])
   plot_per_class_f1(result, out / plots["per_class_f1"])

@@ -149,6 +149,21 @@ def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
   assert "boom: out of memory" in (tmp_path / "crash" / "ablate.log").read_text()
 
 
+def test_a_preempted_run_stops_the_sweep_and_is_not_finished(tmp_path):
+  """A child that exits 143 (main.py after SIGTERM: checkpoint saved, PREEMPTED.json) stops the
+  sweep (the machine is going away): no marker, no next variant; `ablate` then exits 143."""
+  preempted = tmp_path / "preempted.sh"
+  preempted.write_text("#!/bin/sh\necho started >> \"$(dirname \"$0\")/started\"\nexit 143\n")
+  preempted.chmod(0o755)
+  with pytest.raises(sweep_lib.Stop):
+    sweep_lib.run_sweep(str(SWEEP_CONFIG), tmp_path / "sweep", fusions=FUSIONS,
+                        samplings=("natural",), overrides=("data.data_dir=/nowhere",),
+                        python=str(preempted), say=lambda m: None)
+  assert (tmp_path / "started").read_text().split() == ["started"]   # the first variant only
+  assert not list((tmp_path / "sweep").glob("*/" + runs.MARKER))
+  assert "preempted" in (tmp_path / "sweep" / "ablate.log").read_text()
+
+
 def test_config_that_ignores_the_variant_is_refused(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "mfer_jax.tools.ablate", f"--config={ROOT / 'tests/configs/tiny.py'}",

@@ -6,6 +6,7 @@ at a time: most of their time is importing JAX.
 """
 
 import concurrent.futures
+import json
 import pathlib
 import shutil
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import TESTS
+from mfer_jax import evaluation
 from mfer_jax.data import store
 from mfer_jax.models import swin, swin_import
 from mfer_jax.training import run_status
@@ -48,6 +50,15 @@ def _dataset(src, dst, split, damage):
   return dst, pathlib.Path(victim).name
 
 
+def _truncated_arrays_run(tiny_run, dst, step):
+  """A copy of the tiny run whose checkpoint ``step`` has every array file cut in half (the
+  damage that leaves Orbax's other pending reads to be garbage-collected)."""
+  shutil.copytree(tiny_run, dst)
+  for path in (dst / "checkpoints" / str(step) / "state" / "ocdbt.process_0" / "d").iterdir():
+    _truncate(str(path))
+  return dst
+
+
 def _unreadable_run(tiny_run, dst):
   """A copy of the tiny run whose every checkpoint lost its manifest."""
   shutil.copytree(tiny_run, dst)
@@ -68,6 +79,19 @@ def cases(tiny_run, tiny_data_dir, tmp_path_factory):
   bad_eval = tmp / "bad_eval_run"
   shutil.copytree(tiny_run, bad_eval)
   (bad_eval / "eval" / "6.json").write_text('{"step": 6, "macro_f')
+  not_an_eval = tmp / "not_an_eval_run"   # parses as JSON, but is no evaluation result
+  shutil.copytree(tiny_run, not_an_eval)
+  (not_an_eval / "eval" / "6.json").write_text("[]")
+  no_per_class = tmp / "no_per_class_run"
+  shutil.copytree(tiny_run, no_per_class)
+  for step in (6, 12):
+    path = no_per_class / "eval" / f"{step}.json"
+    result = json.loads(path.read_text())
+    del result["per_class_f1"]
+    path.write_text(json.dumps(result))
+  best = max(evaluation.read_evals(tiny_run), key=lambda e: e["macro_f1"])["step"]
+  a_file = tmp / "a_file"
+  a_file.write_text("")
   swin_cfg = swin.swin_config("test", img_size=(32, 32), window_size=4)
   weights = tmp / "weights.safetensors"
   swin_import.save_params(str(weights), {
@@ -84,7 +108,8 @@ def cases(tiny_run, tiny_data_dir, tmp_path_factory):
       ("unknown section", main, (config, f"--workdir={work('b')}", "--config.nosuch.key=1"), 2,
        ("--config.nosuch.key=1", "unknown config key 'nosuch'")),
       ("bad config argument", main, ("--config=configs/demo.py:fusoin=mfm",
-                                     f"--workdir={work('c')}"), 2, ("fusoin=mfm",)),
+                                     f"--workdir={work('c')}"), 2,
+       ("fusoin=mfm", "did you mean 'fusion'")),
       ("bad config value", main, (config, f"--workdir={work('d')}",
                                   "--config.train.learning_rate=fast"), 2,
        ("--config.train.learning_rate=fast",)),
@@ -114,10 +139,31 @@ def cases(tiny_run, tiny_data_dir, tmp_path_factory):
       ("unreadable checkpoints, predict", "mfer_jax.tools.predict", (
           f"--workdir={_unreadable_run(tiny_run, tmp / 'u3')}", f"--video={tmp / 'x.mp4'}"), 1,
        (no_checkpoint,)),
+      # A damaged newest (for eval and predict: best) checkpoint: one warning line, then the
+      # previous one is used (the 'warned' cases below).
+      ("truncated arrays, resumed", main, (config, "--workdir="
+                                           f"{_truncated_arrays_run(tiny_run, tmp / 't1', 12)}"),
+       0, ()),
+      ("truncated arrays, eval", main, (config, "--mode=eval", "--workdir="
+                                        f"{_truncated_arrays_run(tiny_run, tmp / 't2', best)}"),
+       0, ()),
+      ("truncated arrays, predict", "mfer_jax.tools.predict", (
+          f"--workdir={_truncated_arrays_run(tiny_run, tmp / 't3', best)}",
+          f"--video={tmp / 'x.mp4'}"), 1, ("--video=", "no such file")),
       ("predict without a workdir", "mfer_jax.tools.predict", (
           f"--workdir={tmp / 'nowhere'}", f"--video={tmp / 'x.mp4'}"), 1, ("config.json",)),
       ("report on a damaged eval", "mfer_jax.tools.report", (f"--workdir={bad_eval}",), 1,
        ("eval/6.json", "cannot be read")),
+      ("report on an eval that is no result", "mfer_jax.tools.report", (
+          f"--workdir={not_an_eval}",), 1, ("eval/6.json", "not an evaluation result")),
+      ("report on evals without per-class F1", "mfer_jax.tools.report", (
+          f"--workdir={no_per_class}",), 1, ("per_class_f1", "cannot be read")),
+      ("report into a file", "mfer_jax.tools.report", (
+          f"--workdir={tiny_run}", f"--out={a_file / 'report'}"), 1,
+       ("cannot make the report folder", "a_file")),
+      # Not an error: the report reads JSON files only, never the checkpoints.
+      ("report on damaged checkpoints", "mfer_jax.tools.report", (
+          f"--workdir={_unreadable_run(tiny_run, tmp / 'u4')}",), 0, ()),
       ("ablate with a misspelt override", "mfer_jax.tools.ablate", (
           f"--config={SWEEP}", f"--workdir={work('k')}", f"--override=data.data_dir={data}",
           "--override=train.lerning_rate=0.1", "--dry_run"), 2,
@@ -128,6 +174,9 @@ def cases(tiny_run, tiny_data_dir, tmp_path_factory):
       ("convert a missing file", "mfer_jax.tools.convert", (
           f"--in={tmp / 'missing.pth'}", f"--out={tmp / 'o.safetensors'}"), 1,
        ("missing.pth",)),
+      ("convert into a file's folder", "mfer_jax.tools.convert", (
+          f"--in={weights}", "--variant=test", "--img_size=32,32", "--window=4",
+          f"--out={a_file / 'w.safetensors'}"), 1, ("--out=", "cannot write it")),
       ("convert to a non-safetensors name", "mfer_jax.tools.convert", (
           f"--in={weights}", f"--out={tmp / 'o.pth'}"), 2, ("--out=",)),
       ("build from a missing root", "data_prep.build", (
@@ -142,9 +191,17 @@ def cases(tiny_run, tiny_data_dir, tmp_path_factory):
   ]
 
 
+# What a failed checkpoint restore's leftover reads print when nothing drops them
+# (checkpointing._silence_failed_restore_leftovers).
+NOISE = ("Exception ignored in", "exception was never retrieved", "was never awaited")
+
+
 def test_every_command_turns_each_bad_input_into_one_line(cases, tmp_path):
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
     procs = list(pool.map(lambda c: commands.run(c[1], *c[2], cwd=ROOT), cases))
+  # Cases that fall back past a damaged checkpoint: the one warning line they print.
+  warned = {"truncated arrays, resumed": ("step 12", "12.corrupt"),
+            "truncated arrays, eval": (".corrupt",), "truncated arrays, predict": (".corrupt",)}
   failures = []
   for (name, _, _, code, fragments), proc in zip(cases, procs):
     try:
@@ -152,9 +209,20 @@ def test_every_command_turns_each_bad_input_into_one_line(cases, tmp_path):
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
       else:
         commands.assert_user_error(proc, code, *fragments)
+      noise = [n for n in NOISE if n in proc.stderr]
+      assert not noise, (noise, proc.stderr[-2000:])
+      if name in warned:
+        lines = [l for l in proc.stderr.splitlines() if "cannot be read" in l]
+        assert len(lines) == 1 and all(f in lines[0] for f in warned[name]), proc.stderr[-2000:]
     except AssertionError as e:
       failures.append(f"{name}: {e}")
   assert not failures, "\n\n".join(failures)
+  # The resumed run went on from step 8 to the end; --mode=eval evaluated the next best step.
+  resumed = pathlib.Path([c for c in cases if c[0] == "truncated arrays, resumed"][0][2][1]
+                         .split("=", 1)[1])
+  assert run_status.finished(resumed)["step"] == 12
+  assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == [
+      "12", "12.corrupt", "6", "8"]
   converted = [c for c in cases if c[0] == "convert into a missing folder"][0]
   assert pathlib.Path(converted[2][-1].split("=", 1)[1]).is_file()
   # A failed run never looks preempted.

@@ -102,17 +102,22 @@ def main() -> None:
     raise errors.UsageError(str(e)) from e
   if family == "swin":
     params = swin_import.load_swin_params(_IN.value, cfg)
-    swin_import.save_params(_OUT.value, params, cfg)
+    save = lambda: swin_import.save_params(_OUT.value, params, cfg)  # noqa: E731
     what = (f"swin_{cfg.variant} {cfg.img_size[0]}x{cfg.img_size[1]}, window "
             f"{cfg.window_size}, in_chans {cfg.in_chans}")
   elif family == "vit":
     params = vit_import.load_vit_params(_IN.value, cfg)
-    vit_import.save_params(_OUT.value, params, cfg)
+    save = lambda: vit_import.save_params(_OUT.value, params, cfg)  # noqa: E731
     what = f"{cfg.describe()} {cfg.img_size[0]}x{cfg.img_size[1]}"
   else:
     params = wav2vec2_import.load_wav2vec2_params(_IN.value, cfg)
-    wav2vec2_import.save_params(_OUT.value, params, cfg)
+    save = lambda: wav2vec2_import.save_params(_OUT.value, params, cfg)  # noqa: E731
     what = cfg.describe()
+  try:
+    save()   # a missing folder is created; a path that cannot be written is the user's to fix
+  except OSError as e:
+    raise errors.UserError(f"--out={_OUT.value}: cannot write it ({type(e).__name__}: "
+                           f"{e.strerror or e}: {e.filename}); choose a writable path") from e
   count = sum(int(np.prod(v.shape)) for v in params.values())
   print(f"wrote {len(params)} tensors ({count / 1e6:.2f}M params) for {what} to {_OUT.value}")
 

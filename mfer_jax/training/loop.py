@@ -186,7 +186,9 @@ def _check_finite(state: state_lib.TrainState, run: Run) -> None:
 def _read_eval(workdir: pathlib.Path, step: int, name: str | None) -> dict[str, Any] | None:
   """The eval JSON of ``step``, or None if missing or unreadable (then it is redone)."""
   try:
-    return json.loads((evaluation.eval_dir(workdir, name) / f"{step}.json").read_text())
+    result = json.loads((evaluation.eval_dir(workdir, name) / f"{step}.json").read_text())
+    evaluation.check_eval(result, step)
+    return result
   except (OSError, ValueError):
     return None
 
