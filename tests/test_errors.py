@@ -182,6 +182,12 @@ def cases(tiny_run, tiny_data_dir, tmp_path_factory):
       ("build from a missing root", "data_prep.build", (
           f"--root={tmp / 'no_root'}", f"--out={tmp / 'built'}", "--workers=1"), 1,
        ("no_root", "data_prep/README.md")),
+      ("tfds build from a missing root", "data_prep.tfds_affwild2", (
+          f"--manual_dir={tmp / 'no_root'}", f"--data_dir={tmp / 'tfds'}"), 1,
+       ("no_root", "data_prep/README.md")),
+      ("extract a misspelt split", "mfer_jax.tools.extract", (
+          "--config=configs/abaw_features.py", f"--out={tmp / 'features'}",
+          "--splits=train,validaton"), 2, ("validaton", "did you mean 'validation'")),
       ("synth with too few videos", "data_prep.synth", (
           f"--out={tmp / 'synth'}", "--num_videos=1"), 2, ("num_videos",)),
       # Not an error: convert creates the missing folder of --out.

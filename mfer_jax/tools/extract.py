@@ -19,10 +19,12 @@ an interruption and finished videos are skipped (docs/foundation.md).
 
 from __future__ import annotations
 
+import difflib
+
 from absl import flags
 from ml_collections import config_flags
 
-from mfer_jax import cli, constants
+from mfer_jax import cli, constants, errors
 from mfer_jax.features import extract
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file naming the encoders, "
@@ -40,8 +42,16 @@ flags.mark_flags_as_required(["config"])
 
 
 def main() -> None:
-  extract.extract(_CONFIG.value, _DATA_DIR.value, _OUT.value,
-                  splits=[s.strip() for s in _SPLITS.value if s.strip()],
+  splits = [s.strip() for s in _SPLITS.value if s.strip()]
+  unknown = [s for s in splits if s not in constants.SPLITS]
+  if unknown:
+    # A misspelt split is a usage error (exit 2), named before any encoder is loaded.
+    hint = difflib.get_close_matches(unknown[0], constants.SPLITS, n=1)
+    raise errors.UsageError(
+        f"--splits: unknown split {unknown[0]!r}"
+        + (f"; did you mean {hint[0]!r}?" if hint else "")
+        + f" Choose among {','.join(constants.SPLITS)}.")
+  extract.extract(_CONFIG.value, _DATA_DIR.value, _OUT.value, splits=splits,
                   media_root=_MEDIA_ROOT.value)
 
 
