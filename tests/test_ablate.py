@@ -212,27 +212,55 @@ def test_table_statistics_over_seeds(tmp_path):
   assert f"| mfm | dynamic | {mfm['macro_f1_mean']:.4f} ± {mfm['macro_f1_std']:.4f} | 3 |" in md
 
 
-SUPPORTED = {("visual_only", "dynamic"): [0.40], ("audio_only", "dynamic"): [0.30],
-             ("mfm", "dynamic"): [0.50], ("visual_only", "natural"): [0.35],
-             ("audio_only", "natural"): [0.25], ("mfm", "natural"): [0.45]}
+def _seeds(mean):
+  """Three seeds around ``mean`` with a spread (std) of 0.01."""
+  return [mean - 0.01, mean, mean + 0.01]
+
+
+SUPPORTED = {("visual_only", "dynamic"): _seeds(0.40), ("audio_only", "dynamic"): _seeds(0.30),
+             ("mfm", "dynamic"): _seeds(0.50), ("visual_only", "natural"): _seeds(0.35),
+             ("audio_only", "natural"): _seeds(0.25), ("mfm", "natural"): _seeds(0.45)}
 
 
 def test_claims_supported():
   fusion, resampling = tables.assess_claims(_rows(SUPPORTED))
   assert fusion.verdict == resampling.verdict == "supported"
   assert any("best fusion `mfm` 0.5000" in d and "margin +0.1000" in d for d in fusion.details)
-  assert resampling.details[0] == "dynamic is higher for 3 of 3 fusion variants"
-  assert all("single seed" in d for d in fusion.details)
+  assert resampling.details[0] == ("dynamic is higher for 3 of 3 fusion variants, beyond the "
+                                   "seed spread for 3")
+  assert not any("not shown" in d for d in fusion.details + resampling.details)
 
 
 def test_claims_not_supported():
-  table = {**SUPPORTED, ("mfm", "dynamic"): [0.38], ("mfm", "natural"): [0.40],
-           ("visual_only", "natural"): [0.45], ("audio_only", "natural"): [0.35]}
+  table = {**SUPPORTED, ("mfm", "dynamic"): _seeds(0.38), ("mfm", "natural"): _seeds(0.40),
+           ("visual_only", "natural"): _seeds(0.45), ("audio_only", "natural"): _seeds(0.35)}
   fusion, resampling = tables.assess_claims(_rows(table))
   assert fusion.verdict == "not supported"
   assert any("not above both (margin -0.0200)" in d for d in fusion.details)
   assert resampling.verdict == "not supported"
-  assert resampling.details[0] == "dynamic is higher for 0 of 3 fusion variants"
+  assert resampling.details[0].startswith("dynamic is higher for 0 of 3 fusion variants")
+
+
+def test_a_margin_inside_the_seed_noise_is_not_shown():
+  # +0.06 with a spread of 0.14 on one side: another seed could undo it.
+  noisy = tables.assess_claims(_rows({("mfm", "dynamic"): [0.50, 0.30],
+                                      ("mfm", "natural"): [0.40, 0.38]}))[1]
+  assert noisy.verdict == "not shown"
+  assert "within the seed spread, std up to 0.1414: not shown" in noisy.details[1]
+  # One seed each: no spread, so even a large margin shows nothing.
+  single = tables.assess_claims(_rows({("mfm", "dynamic"): [0.60],
+                                       ("mfm", "natural"): [0.30]}))[1]
+  assert single.verdict == "not shown" and "single seed" in single.details[1]
+  # Beyond the spread on one variant, inside it on another: partly.
+  mixed = tables.assess_claims(_rows({("mfm", "dynamic"): _seeds(0.50),
+                                      ("mfm", "natural"): _seeds(0.40),
+                                      ("concat", "dynamic"): [0.50, 0.30],
+                                      ("concat", "natural"): [0.40, 0.38]}))[1]
+  assert mixed.verdict == "partly supported"
+  # Against beyond the spread and nothing shown: not supported.
+  against = tables.assess_claims(_rows({("mfm", "dynamic"): _seeds(0.40),
+                                        ("mfm", "natural"): _seeds(0.50)}))[1]
+  assert against.verdict == "not supported"
 
 
 def test_claims_partly_supported_and_spread_warning():
@@ -243,15 +271,12 @@ def test_claims_partly_supported_and_spread_warning():
   assert resampling.verdict == "supported"
   mfm_line = next(d for d in resampling.details if d.startswith("`mfm`"))
   assert "single seed" not in mfm_line
-  noisy = tables.assess_claims(_rows({("mfm", "dynamic"): [0.50, 0.30],
-                                      ("mfm", "natural"): [0.40, 0.38]}))[1]
-  assert noisy.verdict == "supported" and "not conclusive" in noisy.details[1]
 
 
 def test_claims_not_testable_and_in_the_markdown(tmp_path):
   fusion, resampling = tables.assess_claims(_rows({("mfm", "dynamic"): [0.5]}))
   assert fusion.verdict == resampling.verdict == "not testable"
-  _fake_sweep(tmp_path, {**SUPPORTED, ("mfm", "natural"): [0.60]})
+  _fake_sweep(tmp_path, {**SUPPORTED, ("mfm", "natural"): _seeds(0.60)})
   md = tables.write_tables(tmp_path)[0].read_text()
   assert "1. **The best fusion variant beats each single modality**: supported." in md
   assert ("2. **Dynamic resampling raises macro-F1 over natural sampling**: partly supported."

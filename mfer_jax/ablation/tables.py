@@ -68,7 +68,7 @@ def _std(values: Sequence[float]) -> float:
 @dataclasses.dataclass
 class Claim:
   title: str
-  verdict: str          # supported | partly supported | not supported | not testable
+  verdict: str          # supported | partly supported | not shown | not supported | not testable
   details: list[str]
 
 
@@ -81,20 +81,30 @@ def _by(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]
   return {(r["fusion"], r["sampling"]): r for r in rows if _temporal(r) == "none"}
 
 
-def _overall(results: Sequence[bool]) -> str:
-  if all(results):
-    return "supported"
-  return "not supported" if not any(results) else "partly supported"
+# What one comparison (a margin between two rows' means) shows. A margin inside either row's
+# seed spread, or between rows without a spread (one seed), is what another seed could undo,
+# so it shows nothing either way (issue 16: inside the noise reads as "not shown").
+SHOWN, NOT_SHOWN, AGAINST = "shown", "not shown", "against"
 
 
-def _spread_note(margin: float, *rows: dict[str, Any]) -> str:
-  """Flags a margin that one seed's noise could explain (or that no spread is known)."""
+def _evidence(margin: float, *rows: dict[str, Any]) -> tuple[str, str]:
+  """Returns (SHOWN | NOT_SHOWN | AGAINST, a note for the detail line) for ``margin``."""
   stds = [r["macro_f1_std"] for r in rows if not math.isnan(r["macro_f1_std"])]
   if len(stds) < len(rows):
-    return " (single seed: no spread to compare against)"
+    return NOT_SHOWN, " (single seed: no spread to compare against, not shown)"
   if abs(margin) <= max(stds):
-    return f" (within the seed spread, std up to {max(stds):.4f}: not conclusive)"
-  return ""
+    return NOT_SHOWN, f" (within the seed spread, std up to {max(stds):.4f}: not shown)"
+  return (SHOWN if margin > 0 else AGAINST), ""
+
+
+def _overall(statuses: Sequence[str]) -> str:
+  """A claim is supported when every comparison shows it, partly when some do, not supported
+  when none does and some go against it, and not shown when every margin is inside the noise."""
+  if all(s == SHOWN for s in statuses):
+    return "supported"
+  if SHOWN in statuses:
+    return "partly supported"
+  return "not supported" if AGAINST in statuses else "not shown"
 
 
 def assess_claims(rows: Sequence[dict[str, Any]]) -> list[Claim]:
@@ -113,27 +123,30 @@ def assess_claims(rows: Sequence[dict[str, Any]]) -> list[Claim]:
     best = max(fused, key=lambda r: r["macro_f1_mean"])
     top_single = max(singles, key=lambda r: r["macro_f1_mean"])
     margin = best["macro_f1_mean"] - top_single["macro_f1_mean"]
-    results.append(margin > 0)
+    status, note = _evidence(margin, best, top_single)
+    results.append(status)
     details.append(
         f"{sampling} sampling: best fusion `{best['fusion']}` {best['macro_f1_mean']:.4f} vs "
         + ", ".join(f"`{s['fusion']}` {s['macro_f1_mean']:.4f}" for s in singles)
-        + f": {'above' if margin > 0 else 'not above'} both (margin {margin:+.4f})"
-        + _spread_note(margin, best, top_single))
+        + f": {'above' if margin > 0 else 'not above'} both (margin {margin:+.4f})" + note)
   claim1 = Claim("The best fusion variant beats each single modality",
                  _overall(results) if results else "not testable",
                  details or ["needs visual_only, audio_only and at least one fusion variant "
                              "(concat, sum, gated, mfm) with the same sampling mode"])
-  details, results = [], []
+  details, results, higher = [], [], 0
   for fusion in FUSION_ORDER:
     dyn, nat = by.get((fusion, "dynamic")), by.get((fusion, "natural"))
     if dyn is None or nat is None:
       continue
     gain = dyn["macro_f1_mean"] - nat["macro_f1_mean"]
-    results.append(gain > 0)
+    status, note = _evidence(gain, dyn, nat)
+    results.append(status)
+    higher += gain > 0
     details.append(f"`{fusion}`: dynamic {dyn['macro_f1_mean']:.4f} vs natural "
-                   f"{nat['macro_f1_mean']:.4f} ({gain:+.4f})" + _spread_note(gain, dyn, nat))
+                   f"{nat['macro_f1_mean']:.4f} ({gain:+.4f})" + note)
   if results:
-    details.insert(0, f"dynamic is higher for {sum(results)} of {len(results)} fusion variants")
+    details.insert(0, f"dynamic is higher for {higher} of {len(results)} fusion variants, "
+                      f"beyond the seed spread for {results.count(SHOWN)}")
   claim2 = Claim("Dynamic resampling raises macro-F1 over natural sampling",
                  _overall(results) if results else "not testable",
                  details or ["needs the same fusion variant run with both dynamic and natural "
@@ -154,10 +167,11 @@ def assess_temporal(rows: Sequence[dict[str, Any]]) -> Claim | None:
     if base is None:
       continue
     gain = r["macro_f1_mean"] - base["macro_f1_mean"]
-    results.append(gain > 0)
+    status, note = _evidence(gain, r, base)
+    results.append(status)
     details.append(f"`{r['fusion']}` {r['sampling']}: {r['temporal']} "
                    f"{r['macro_f1_mean']:.4f} vs frame model {base['macro_f1_mean']:.4f} "
-                   f"({gain:+.4f})" + _spread_note(gain, r, base))
+                   f"({gain:+.4f})" + note)
   return Claim("A temporal head raises macro-F1 over the frame model",
                _overall(results) if results else "not testable",
                details or ["needs the frame model (temporal none) with the same fusion and "
