@@ -263,7 +263,7 @@ def test_a_margin_inside_the_seed_noise_is_not_shown():
   assert against.verdict == "not supported"
 
 
-def test_claims_partly_supported_and_spread_warning():
+def test_claims_partly_supported():
   table = {**SUPPORTED, ("mfm", "natural"): [0.30, 0.32, 0.10],
            ("mfm", "dynamic"): [0.50, 0.52, 0.48]}
   fusion, resampling = tables.assess_claims(_rows(table))
