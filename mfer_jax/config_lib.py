@@ -87,6 +87,10 @@ def base_config() -> ConfigDict:
           # learns its modality's evidence instead of the fit resting on the one that
           # memorises fastest (docs/demo_experiments.md). Prediction uses the fused head only.
           "unimodal_loss_weight": 0.0,
+          # > 0: adds this weight times (log 2 - entropy of the softmax modality weights) on
+          # frames where both modalities were seen (gated, mfm), against a gate that hands one
+          # modality all the weight (docs/method.md, docs/demo_experiments.md).
+          "gate_entropy_weight": 0.0,
       },
       # The temporal head over the fused features of a clip's frames (models/temporal.py,
       # docs/temporal.md); any head but none needs data.sequence.length >= 2.

@@ -213,10 +213,11 @@ def test_unimodal_heads_each_see_one_modality_and_exist_only_when_weighted():
   assert not np.allclose(out["logits"], other_mel["logits"])
   # Weight 0 (the default) builds no heads: the usual outputs and parameters.
   plain = ExpressionModel(tiny_model_config("mfm"), rngs=nnx.Rngs(0))
-  assert set(run(plain, batch)) == {"logits", "gates"}
+  assert set(run(plain, batch)) == {"logits", "gates", "available"}
   assert "unimodal" not in nnx.to_pure_dict(nnx.state(plain, nnx.Param))["fusion"]
   assert "unimodal" in nnx.to_pure_dict(nnx.state(model, nnx.Param))["fusion"]
   # A single-modality variant has nothing to add a head to.
   cfg = tiny_model_config("visual_only")
   cfg.fusion.unimodal_loss_weight = 0.5
-  assert set(run(ExpressionModel(cfg, rngs=nnx.Rngs(0)), batch)) == {"logits", "gates"}
+  assert set(run(ExpressionModel(cfg, rngs=nnx.Rngs(0)), batch)) == {"logits", "gates",
+                                                                   "available"}

@@ -223,6 +223,49 @@ def test_unimodal_heads_add_their_available_frames_loss_to_the_step_loss(data_di
   assert float(w_sum) == pytest.approx(weights.sum(), rel=1e-6)
 
 
+def test_gate_entropy_penalty_adds_log2_minus_entropy_on_frames_with_both_modalities(data_dir):
+  """model.fusion.gate_entropy_weight=w: the step's loss sum grows by w * sum of frame weight *
+  (log 2 - H(gates)) over the frames where both modalities were seen, computed here with numpy
+  from the model's gates; a planted gate bias makes the gates one-sided so the term is large.
+  With fixed gates (concat) the weight changes nothing."""
+  config = deterministic_config(data_dir)
+  it = pipeline.make_train_iterator(config.data,
+                                    store.load_split(config.data.data_dir, "train"))
+  batch = step_lib.model_inputs(next(it))
+  it.close()
+  batch["has_face"] = np.asarray(batch["has_face"]) & (np.arange(8) % 3 != 1)
+  batch["mask"] = np.asarray(batch["mask"]) & (np.arange(8) != 5)
+  class_weights = np.linspace(0.5, 2.0, 8)
+
+  def loss_and_gates(fusion, weight):
+    config.model.fusion.name = fusion
+    config.model.fusion.gate_entropy_weight = weight
+    spec = state_lib.ModelSpec(config.model)
+    model = ExpressionModel(config.model, rngs=nnx.Rngs(0))
+    if fusion == "mfm":   # gates near (0.88, 0.12): entropy 0.37 against log 2 = 0.69
+      model.fusion.gate_fc2.bias[...] = jnp.asarray([1.0, -1.0])
+    params = nnx.state(model, nnx.Param)
+    total, _ = step_lib.make_loss_sum(spec, config, class_weights)(params, batch,
+                                                                  jax.random.key(0))
+    return float(total), np.asarray(model(batch["face"], batch["mel"], batch["has_face"])["gates"],
+                                    np.float64)
+
+  base, gates = loss_and_gates("mfm", 0.0)
+  penalised, _ = loss_and_gates("mfm", 0.3)
+  labels = np.maximum(np.asarray(batch["label"]), 0)
+  weights = np.asarray(batch["mask"], np.float64) * class_weights[labels]
+  both = np.asarray(batch["has_face"], np.float64)   # the audio is always there
+  entropy = -(gates * np.log(np.maximum(gates, 1e-30))).sum(-1)
+  expected = 0.3 * (weights * both * (np.log(2.0) - entropy)).sum()
+  assert ((weights * both) > 0).any() and ((weights * (1 - both)) > 0).any()  # both cases
+  assert expected > 0.05
+  assert penalised - base == pytest.approx(expected, rel=1e-4)
+  assert loss_and_gates("concat", 0.3)[0] == loss_and_gates("concat", 0.0)[0]
+  config.model.fusion.gate_entropy_weight = -0.1
+  with pytest.raises(ValueError, match="gate_entropy_weight"):
+    step_lib.make_loss_sum(state_lib.ModelSpec(config.model), config, class_weights)
+
+
 def test_adam_is_adam_with_l2_decay_on_matrices():
   """optimizer=adam: the authors' Adam with L2 decay added to the gradient of matrices (not
   of biases), against a numpy Adam; AdamW (decoupled decay) would differ."""

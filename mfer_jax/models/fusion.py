@@ -51,6 +51,8 @@ from mfer_jax.models.layers import FLOAT32, Precision
 LN_EPS = 1e-5
 _CROSS_ATTENTION = ("mfm", "mfm_sigmoid_concat")
 _LEARNED_GATES = ("gated", "mfm", "mfm_sigmoid_concat")
+# Learned weights that sum to 1 over the modalities (softmax), so they have an entropy.
+SOFTMAX_LEARNED_GATES = ("gated", "mfm")
 _CONCATENATED = ("concat", "mfm_sigmoid_concat")
 
 

@@ -167,10 +167,10 @@ class ExpressionModel(nnx.Module):
 
     Returns:
       {"logits": float32 [B, classes] (or [B, T, classes]), "gates": float32 [B, 2] (or
-      [B, T, 2]) (visual, audio) weights}; with unimodal heads
+      [B, T, 2]) (visual, audio) weights, "available": bool [B, 2] (or [B, T, 2]), whether
+      each modality was seen (after modality dropout)}; with unimodal heads
       (``fusion.unimodal_loss_weight`` > 0) also "unimodal_logits" float32 [B, 2, classes]
-      (or [B, T, 2, classes]) of the (visual, audio) heads and "available" bool [B, 2] (or
-      [B, T, 2]), whether each modality was seen (after modality dropout).
+      (or [B, T, 2, classes]) of the (visual, audio) heads.
     """
     clip_shape = None
     # has_face tells frames ([B]) from clips ([B, T]) for pixels and cached features alike.
@@ -202,9 +202,9 @@ class ExpressionModel(nnx.Module):
       clip = sharding.constrain(fused.reshape(b, t, -1), ("batch", None, "embed"))
       fused = self.temporal(clip, present, rngs=rngs).reshape(b * t, -1)
     logits = self.fusion.classify(fused, rngs=rngs)
-    out = {"logits": logits, "gates": gates}
+    out = {"logits": logits, "gates": gates, "available": avail}
     if unimodal is not None:
-      out.update(unimodal_logits=unimodal, available=avail)
+      out["unimodal_logits"] = unimodal
     if clip_shape is not None:
       out = {k: v.reshape(*clip_shape, *v.shape[1:]) for k, v in out.items()}
     return out

@@ -9,7 +9,9 @@
 
 Both take logits of any leading shape (frames [B, C] or clips [B, T, C]) and return the loss
 of every frame; the train step weights, masks and normalises them. `unimodal_loss_sum` adds
-the same loss of the per-modality heads (``model.fusion.unimodal_loss_weight``).
+the same loss of the per-modality heads (``model.fusion.unimodal_loss_weight``), and
+`gate_entropy_penalty_sum` a penalty on one-sided modality weights
+(``model.fusion.gate_entropy_weight``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,28 @@ def make_loss(cfg: ConfigDict, num_classes: int) -> Callable[[jax.Array, jax.Arr
   alpha = tuple(float(a) for a in cfg.focal_alpha) or None
   return lambda logits, labels: focal(logits, targets(labels, num_classes, smoothing), gamma,
                                       alpha)
+
+
+def gate_entropy_penalty_sum(gates: jax.Array, available: jax.Array, weights: jax.Array,
+                              weight: float) -> jax.Array:
+  """The weighted gate-entropy penalty sum, to add to the fused head's loss sum.
+
+  ``weight * sum_frames weights * both_available * (log 2 - H(gates))`` with
+  ``H(g) = -sum_m g_m log g_m``: zero for weights of 1/2 each, ``weight * log 2`` per frame for
+  a gate that gives one modality everything. Frames with one modality seen have a fixed gate
+  (1, 0) and add nothing. Normalised by the step with the fused loss, like the unimodal heads.
+
+  Args:
+    gates: float32 [..., 2] (visual, audio) softmax modality weights.
+    available: bool [..., 2], whether (visual, audio) was seen.
+    weights: float32 [...] per-frame weight (mask times class weight).
+    weight: the penalty's weight.
+  """
+  g = gates.astype(jnp.float32)
+  # 0 log 0 = 0; the where keeps log's gradient finite at a gate weight of exactly 0.
+  entropy = -jnp.sum(jnp.where(g > 0, g * jnp.log(jnp.where(g > 0, g, 1.0)), 0.0), axis=-1)
+  both = jnp.all(available, axis=-1).astype(jnp.float32)
+  return weight * jnp.sum((jnp.log(2.0) - entropy) * both * weights)
 
 
 def unimodal_loss_sum(loss_fn: Callable[[jax.Array, jax.Array], jax.Array],

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from mfer_jax import sharding
+from mfer_jax.models import fusion
 from mfer_jax.training import losses
 from mfer_jax.training.state import ModelSpec, TrainState
 
@@ -75,12 +76,20 @@ def make_loss_sum(spec: ModelSpec, cfg: ConfigDict, class_weights: np.ndarray):
 
   The train step divides the sum by the weight sum (over all microbatches). The loss of a frame
   is the fused head's, plus the unimodal heads' with ``model.fusion.unimodal_loss_weight``
-  (`losses.unimodal_loss_sum`), weighted by its mask and its class's weight; ``key`` drives
+  (`losses.unimodal_loss_sum`) and the gate-entropy penalty with
+  ``model.fusion.gate_entropy_weight`` (`losses.gate_entropy_penalty_sum`), weighted by its
+  mask and its class's weight; ``key`` drives
   dropout, drop path and modality dropout.
   """
   cw = jnp.asarray(class_weights, jnp.float32)
   loss_fn = losses.make_loss(cfg.train, cfg.model.num_classes)
   unimodal_weight = float(cfg.model.fusion.get("unimodal_loss_weight", 0.0))
+  entropy_weight = float(cfg.model.fusion.get("gate_entropy_weight", 0.0))
+  if entropy_weight < 0:
+    raise ValueError(f"model.fusion.gate_entropy_weight={entropy_weight}: must be >= 0")
+  # Only softmax gates that are learned have an entropy to keep up: fixed gates (sum, one
+  # modality) would add a constant, and the sigmoid weights do not sum to 1.
+  entropy_weight *= cfg.model.fusion.name in fusion.SOFTMAX_LEARNED_GATES
 
   def loss_sum(params, micro, key):
     model = spec.merge(params)
@@ -92,6 +101,9 @@ def make_loss_sum(spec: ModelSpec, cfg: ConfigDict, class_weights: np.ndarray):
     if "unimodal_logits" in out:
       total += losses.unimodal_loss_sum(loss_fn, out["unimodal_logits"], labels, weights,
                                         out["available"], unimodal_weight)
+    if entropy_weight > 0:
+      total += losses.gate_entropy_penalty_sum(out["gates"], out["available"], weights,
+                                               entropy_weight)
     correct = jnp.sum((out["logits"].argmax(-1) == labels) * micro["mask"])
     return total, (jnp.sum(weights), correct)
 
