@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.modality_dropout = 0.1
   # 9 epochs of 100 steps: 900 steps lifted the 3-seed mean from 0.456 to 0.537 and every
   # fused variant with it (docs/demo_experiments.md, "Longer training"). With the synthetic set
-  # and its build, a fresh clone's `make demo` takes about 10 minutes on 2 cores (599-615 s).
+  # and its build, a fresh clone's `make demo` takes 6-10 minutes on 2 cores (358-615 s).
   c.train.num_epochs = 9
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 50

@@ -184,6 +184,18 @@ def test_weighted_smoothed_loss_matches_optax_smooth_labels(smoothing):
   assert float(jnp.sum(loss * weights)) == pytest.approx(float((weights * ce).sum()), rel=1e-5)
 
 
+def _batch_with_faceless_and_masked_frames(config):
+  """The first train batch (8 frames) with frames 1, 4 and 7 planted without a face and frame
+  5 masked out (padding), so a loss term can be checked on both kinds of frame."""
+  it = pipeline.make_train_iterator(config.data,
+                                    store.load_split(config.data.data_dir, "train"))
+  batch = step_lib.model_inputs(next(it))
+  it.close()
+  batch["has_face"] = np.asarray(batch["has_face"]) & (np.arange(8) % 3 != 1)
+  batch["mask"] = np.asarray(batch["mask"]) & (np.arange(8) != 5)
+  return batch
+
+
 def test_unimodal_heads_add_their_available_frames_loss_to_the_step_loss(data_dir):
   """model.fusion.unimodal_loss_weight=w: the step's loss sum is the fused head's weighted CE
   plus w times each unimodal head's, the visual head's over frames with a face only; computed
@@ -191,13 +203,7 @@ def test_unimodal_heads_add_their_available_frames_loss_to_the_step_loss(data_di
   config = deterministic_config(data_dir)
   config.model.fusion.unimodal_loss_weight = 0.5
   config.train.label_smoothing = 0.1
-  it = pipeline.make_train_iterator(config.data,
-                                    store.load_split(config.data.data_dir, "train"))
-  batch = step_lib.model_inputs(next(it))
-  it.close()
-  # Plant frames without a face and a masked (padding) frame.
-  batch["has_face"] = np.asarray(batch["has_face"]) & (np.arange(8) % 3 != 1)
-  batch["mask"] = np.asarray(batch["mask"]) & (np.arange(8) != 5)
+  batch = _batch_with_faceless_and_masked_frames(config)
   spec = state_lib.ModelSpec(config.model)
   params = nnx.state(ExpressionModel(config.model, rngs=nnx.Rngs(0)), nnx.Param)
   class_weights = np.linspace(0.5, 2.0, 8)
@@ -229,12 +235,7 @@ def test_gate_entropy_penalty_adds_log2_minus_entropy_on_frames_with_both_modali
   from the model's gates; a planted gate bias makes the gates one-sided so the term is large.
   With fixed gates (concat) the weight changes nothing."""
   config = deterministic_config(data_dir)
-  it = pipeline.make_train_iterator(config.data,
-                                    store.load_split(config.data.data_dir, "train"))
-  batch = step_lib.model_inputs(next(it))
-  it.close()
-  batch["has_face"] = np.asarray(batch["has_face"]) & (np.arange(8) % 3 != 1)
-  batch["mask"] = np.asarray(batch["mask"]) & (np.arange(8) != 5)
+  batch = _batch_with_faceless_and_masked_frames(config)
   class_weights = np.linspace(0.5, 2.0, 8)
 
   def loss_and_gates(fusion, weight):
