@@ -297,6 +297,9 @@ def validate(c: ConfigDict) -> ConfigDict:
         f"data.sequence.length={seq.length} exceeds model.temporal.max_length="
         f"{c.model.temporal.max_length}; raise model.temporal.max_length")
   losses.check_config(c.train, c.model.num_classes)
+  if c.model.fusion.get("gate_entropy_weight", 0.0) < 0:
+    raise errors.UsageError(f"model.fusion.gate_entropy_weight="
+                            f"{c.model.fusion.gate_entropy_weight}: must be >= 0 (0 is off)")
   return c
 
 

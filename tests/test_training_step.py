@@ -263,8 +263,8 @@ def test_gate_entropy_penalty_adds_log2_minus_entropy_on_frames_with_both_modali
   assert penalised - base == pytest.approx(expected, rel=1e-4)
   assert loss_and_gates("concat", 0.3)[0] == loss_and_gates("concat", 0.0)[0]
   config.model.fusion.gate_entropy_weight = -0.1
-  with pytest.raises(ValueError, match="gate_entropy_weight"):
-    step_lib.make_loss_sum(state_lib.ModelSpec(config.model), config, class_weights)
+  with pytest.raises(errors.UsageError, match="gate_entropy_weight"):
+    config_lib.validate(config)
 
 
 def test_adam_is_adam_with_l2_decay_on_matrices():

@@ -84,12 +84,10 @@ def make_loss_sum(spec: ModelSpec, cfg: ConfigDict, class_weights: np.ndarray):
   cw = jnp.asarray(class_weights, jnp.float32)
   loss_fn = losses.make_loss(cfg.train, cfg.model.num_classes)
   unimodal_weight = float(cfg.model.fusion.get("unimodal_loss_weight", 0.0))
-  entropy_weight = float(cfg.model.fusion.get("gate_entropy_weight", 0.0))
-  if entropy_weight < 0:
-    raise ValueError(f"model.fusion.gate_entropy_weight={entropy_weight}: must be >= 0")
   # Only softmax gates that are learned have an entropy to keep up: fixed gates (sum, one
   # modality) would add a constant, and the sigmoid weights do not sum to 1.
-  entropy_weight *= cfg.model.fusion.name in fusion.SOFTMAX_LEARNED_GATES
+  entropy_weight = (float(cfg.model.fusion.get("gate_entropy_weight", 0.0))
+                    if cfg.model.fusion.name in fusion.SOFTMAX_LEARNED_GATES else 0.0)
 
   def loss_sum(params, micro, key):
     model = spec.merge(params)
